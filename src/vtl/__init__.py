@@ -1,0 +1,3 @@
+"""VTL: Virtual Transport Layer."""
+
+__version__ = "0.1.0"

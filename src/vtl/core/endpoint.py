@@ -1,0 +1,194 @@
+"""Sans-I/O endpoint: many connections behind one address.
+
+The endpoint decodes each datagram once, demultiplexes it by destination
+connection ID (never by the 4-tuple, so a peer may change address), creates
+responder connections for OFFERs when listening, and counts every datagram it
+drops by reason.  The asyncio datapath (``vtl.io``) and the simulated network
+(``vtl.sim``) both drive it through the same four calls."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from typing import Any
+
+from vtl.core import wire
+from vtl.core.composition import Composition
+from vtl.core.config import ConnectionConfig
+from vtl.core.connection import Connection, State
+from vtl.core.errors import ConnectionStateError, ErrorCode, WireError
+from vtl.core.wire import PacketType
+
+Address = tuple[Any, ...]
+
+
+class EndpointCore:
+    """Connections of one local address, with drop counters."""
+
+    #: most stateless RESETs sent per second (answers to unknown connection IDs)
+    RESET_RATE = 50.0
+
+    def __init__(self, config: ConnectionConfig | None = None, *, listen: bool = False) -> None:
+        self.config = config or ConnectionConfig()
+        self.listening = listen
+        self.connections: dict[int, Connection] = {}
+        self.addresses: dict[int, Address] = {}
+        self._handshakes: dict[tuple[Address, int], Connection] = {}
+        self._accepted: deque[Connection] = deque()
+        self._announced: set[int] = set()
+        self._stateless: deque[tuple[bytes, Address]] = deque()
+        self._reset_tokens = self.RESET_RATE
+        self._reset_time = 0.0
+        self.drops: Counter[str] = Counter()
+        self.received = 0
+
+    # ----------------------------------------------------------- app side
+
+    def connect(
+        self,
+        addr: Address,
+        offers: list[Composition],
+        now: float,
+        config: ConnectionConfig | None = None,
+    ) -> Connection:
+        """Open a connection to ``addr`` offering ``offers`` (preferred first)."""
+        conn = Connection(is_client=True, config=config or self.config, offers=offers)
+        while conn.local_cid in self.connections:
+            conn = Connection(is_client=True, config=config or self.config, offers=offers)
+        self.connections[conn.local_cid] = conn
+        self.addresses[conn.local_cid] = addr
+        conn.connect(now)
+        return conn
+
+    def accept(self) -> Connection | None:
+        """Next responder connection whose handshake completed, if any."""
+        return self._accepted.popleft() if self._accepted else None
+
+    def address_of(self, conn: Connection) -> Address | None:
+        return self.addresses.get(conn.local_cid)
+
+    # ------------------------------------------------------- network side
+
+    def receive(self, datagram: bytes, addr: Address, now: float) -> None:
+        """Feed one datagram from ``addr``.  Never raises on bad input."""
+        self.received += 1
+        try:
+            packet = wire.decode(datagram)
+        except WireError as exc:
+            self.drops[exc.reason] += 1
+            return
+        if packet.dcid == 0:
+            self._receive_offer(packet, datagram, addr, now)
+            return
+        conn = self.connections.get(packet.dcid)
+        if conn is None:
+            self.drops["unknown_connection"] += 1
+            if packet.type is not PacketType.RESET:
+                self._stateless_reset(packet, addr, now)
+            return
+        before = conn.stats["dropped_invalid"]
+        conn.receive_packet(packet, len(datagram), now)
+        if conn.stats["dropped_invalid"] != before:
+            self.drops["invalid_for_connection"] += 1
+        else:
+            self.addresses[conn.local_cid] = addr  # follow a peer that moved
+        self._announce(conn)
+
+    def _receive_offer(self, packet: wire.Packet, datagram: bytes, addr: Address, now: float):
+        if packet.type is not PacketType.OFFER:
+            self.drops["no_destination_cid"] += 1
+            return
+        key = (addr, packet.scid)
+        conn = self._handshakes.get(key)
+        if conn is not None:
+            conn.receive_packet(packet, len(datagram), now)
+            return
+        if not self.listening:
+            self.drops["not_listening"] += 1
+            self._stateless_reset(packet, addr, now, ErrorCode.NOT_LISTENING, "not listening")
+            return
+        conn = Connection(is_client=False, config=self.config)
+        while conn.local_cid in self.connections:
+            conn = Connection(is_client=False, config=self.config)
+        try:
+            conn.accept_offer(packet, now)
+        except (WireError, ConnectionStateError) as exc:
+            self.drops["malformed_offer"] += 1
+            self._stateless_reset(packet, addr, now, ErrorCode.PROTOCOL_VIOLATION, str(exc))
+            return
+        self.connections[conn.local_cid] = conn
+        self.addresses[conn.local_cid] = addr
+        self._handshakes[key] = conn
+
+    def _announce(self, conn: Connection) -> None:
+        if (
+            not conn.is_client
+            and conn.local_cid not in self._announced
+            and conn.state is State.ESTABLISHED
+        ):
+            self._announced.add(conn.local_cid)
+            self._accepted.append(conn)
+
+    def _stateless_reset(
+        self,
+        packet: wire.Packet,
+        addr: Address,
+        now: float,
+        code: int = ErrorCode.UNKNOWN_CONNECTION,
+        reason: str = "unknown connection",
+    ) -> None:
+        """Tell a peer that this connection does not exist here (rate-limited)."""
+        self._reset_tokens = min(
+            self.RESET_RATE, self._reset_tokens + (now - self._reset_time) * self.RESET_RATE
+        )
+        self._reset_time = now
+        if self._reset_tokens < 1 or not packet.scid:
+            self.drops["reset_rate_limited"] += 1
+            return
+        self._reset_tokens -= 1
+        body = wire.encode_error(int(code), reason)
+        self._stateless.append(
+            (wire.encode(PacketType.RESET, packet.scid, packet.dcid, 0, body), addr)
+        )
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        """Datagrams of every connection, with their destinations."""
+        out: list[tuple[bytes, Address]] = []
+        while self._stateless:
+            out.append(self._stateless.popleft())
+        dead = []
+        for cid, conn in self.connections.items():
+            addr = self.addresses[cid]
+            for datagram in conn.datagrams_to_send(now):
+                out.append((datagram, addr))
+            if conn.state is State.TERMINATED and conn.next_timer() is None:
+                dead.append(cid)
+        for cid in dead:
+            self._forget(cid)
+        return out
+
+    def _forget(self, cid: int) -> None:
+        conn = self.connections.pop(cid)
+        addr = self.addresses.pop(cid)
+        self._handshakes.pop((addr, conn.peer_cid), None)
+        for key, c in list(self._handshakes.items()):
+            if c is conn:
+                del self._handshakes[key]
+        self._announced.discard(cid)
+
+    def next_timer(self) -> float | None:
+        times = [t for c in self.connections.values() if (t := c.next_timer()) is not None]
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        for conn in list(self.connections.values()):
+            t = conn.next_timer()
+            if t is not None and t <= now:
+                conn.handle_timer(now)
+            self._announce(conn)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "connections": len(self.connections),
+            "datagrams_received": self.received,
+            "drops": dict(self.drops),
+        }

@@ -1,0 +1,65 @@
+"""Events a connection hands to the application (small dataclasses)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vtl.core.composition import Composition
+
+
+class Event:
+    """Base class of connection events."""
+
+
+@dataclass
+class HandshakeCompleted(Event):
+    """The connection is ready; both ends run ``composition``."""
+
+    composition: Composition
+    counter_offer: bool  # the responder proposed a composition we did not offer
+    offered_index: int | None  # which of our offers was taken (initiator side)
+
+
+@dataclass
+class HandshakeFailed(Event):
+    """Negotiation failed or timed out; the connection never became ready."""
+
+    error_code: int
+    reason: str
+    by_peer: bool
+
+
+@dataclass
+class DataReceived(Event):
+    """Stream bytes, in order (or as they came, for unordered compositions)."""
+
+    data: bytes
+
+
+@dataclass
+class MessageReceived(Event):
+    """One whole message (message framing)."""
+
+    data: bytes
+
+
+@dataclass
+class DataAbandoned(Event):
+    """Segments the sender gave up on (unreliable compositions): the
+    application knows there is a gap instead of waiting for it."""
+
+    segments: int
+
+
+@dataclass
+class PeerClosed(Event):
+    """The peer finished sending: end of stream, after the last byte."""
+
+
+@dataclass
+class ConnectionTerminated(Event):
+    """The connection is over: closed cleanly (``error_code`` 0) or not."""
+
+    error_code: int
+    reason: str
+    by_peer: bool
