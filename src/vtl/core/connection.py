@@ -53,8 +53,21 @@ from vtl.core.wire import AckFlags, DataFlags, HsField, PacketType
 from vtl.tfs.congestion.base import CongestionControl, RateSample
 
 PACKET_THRESHOLD = 3  # RFC 9002 kPacketThreshold
+#: packets whose number is further ahead of the largest one received are
+#: dropped: far beyond what a sender can lose in a row (its window is at
+#: most 2**20 segments), so it only rejects forged or garbled numbers
+MAX_PN_GAP = 1 << 24
+#: a cleanly closed connection lingers this many RTOs after the peer's last
+#: packet, to repeat its final ACK should the peer have missed it; enough to
+#: hear at least three of the peer's (backed-off) retransmissions
+DRAIN_RTOS = 8
 TIME_THRESHOLD = 9 / 8  # RFC 9002 kTimeThreshold
 U32 = 1 << 32
+
+
+_ESTABLISHED_TYPES = frozenset(
+    (PacketType.DATA, PacketType.ACK, PacketType.CLOSE, PacketType.PROBE)
+)
 
 
 class State(Enum):
@@ -147,6 +160,7 @@ class Connection:
             "duplicate_segments": 0,
             "out_of_window_drops": 0,
             "dropped_invalid": 0,
+            "invalid_ack_echo": 0,
             "segments_abandoned": 0,
             "app_bytes_sent": 0,
             "app_bytes_delivered": 0,
@@ -199,7 +213,8 @@ class Connection:
         self._unconsumed = 0
         self._window_limit = 0
         self._window_sent_free = 0
-        self._largest_pn_rx = -1
+        self._largest_pn_rx = -1  # echoed in our ACKs
+        self._largest_pn_seen = -1  # of any valid packet: base for expanding numbers
         self._largest_pn_rx_time = 0.0
         self._ack_pending = 0
         self._ack_now = False
@@ -279,11 +294,16 @@ class Connection:
             raise ConnectionStateError("connection is terminated")
         data = bytes(data)
         messages = self.framing.messages if self.framing is not None else self._offers_messages()
+        if messages and len(data) > self.max_message_size:
+            raise ConnectionStateError(
+                f"message of {len(data)} bytes exceeds max_message_size {self.max_message_size}"
+            )
+        self._enqueue(data, messages)
+        self.stats["app_bytes_sent"] += len(data)
+
+    def _enqueue(self, data: bytes, messages: bool) -> None:
+        """Segment ``data`` (one message, or stream bytes) into the send queue."""
         if messages:
-            if len(data) > self.max_message_size:
-                raise ConnectionStateError(
-                    f"message of {len(data)} bytes exceeds max_message_size {self.max_message_size}"
-                )
             mp = self._max_payload
             n = max(1, -(-len(data) // mp))
             for i in range(n):
@@ -306,7 +326,6 @@ class Connection:
                 self._unsent.append([bytearray(data[pos : pos + mp]), 0])
                 pos += mp
         self._unsent_bytes += len(data)
-        self.stats["app_bytes_sent"] += len(data)
 
     def close(self) -> None:
         """Graceful close of our sending direction: everything queued is
@@ -436,7 +455,7 @@ class Connection:
     def _receive(self, p: wire.Packet, size: int, now: float) -> None:
         state = self.state
         if state is State.TERMINATED:
-            self._receive_while_draining(p)
+            self._receive_while_draining(p, now)
             return
         t = p.type
         if t is PacketType.RESET:
@@ -445,6 +464,10 @@ class Connection:
             code, reason = wire.decode_error(p.body)
             if state in (State.OFFERING, State.ACCEPTING, State.IDLE):
                 self._handshake_failed(code, reason, by_peer=True)
+            elif code == ErrorCode.UNKNOWN_CONNECTION and self._only_close_unconfirmed():
+                # The peer finished and forgot the connection; only its ACK of
+                # our CLOSE was lost (it got all our data and we got its end).
+                self._terminate(ErrorCode.NO_ERROR, "closed (peer already gone)", by_peer=True)
             else:
                 self._terminate(code, reason, by_peer=True)
             return
@@ -452,8 +475,10 @@ class Connection:
             self._receive_handshake_reply(p, now)
             return
         if t is PacketType.OFFER:
-            if not self.is_client and p.scid == self.peer_cid:
-                self._hs_pending = True  # our ACCEPT was lost: say it again
+            # our ACCEPT was lost: say it again (once established, the peer
+            # has had it; a late duplicate OFFER must not rearm the handshake)
+            if state is State.ACCEPTING and p.scid == self.peer_cid:
+                self._hs_pending = True
                 self._last_rx = now
             return
         if p.scid != self.peer_cid:
@@ -462,32 +487,45 @@ class Connection:
             if self.is_client:
                 self._confirm_pending = True
             return
+        if t not in _ESTABLISHED_TYPES:  # RECONFIGURE and handshake types
+            raise WireError(f"unexpected {t.name} on an established connection")
+        pn = self._expand_pn_rx(p.pn)
+        if pn > self._largest_pn_seen + MAX_PN_GAP:
+            raise WireError("packet number implausibly far ahead")
         if state is State.ACCEPTING:
             self._established(now)
         self.stats["packets_received"] += 1
         self.stats["bytes_received"] += size
         self._last_rx = now
         self._arm_keepalive(now)
-        pn = self._expand_pn_rx(p.pn)
         if t is PacketType.DATA:
-            self._note_ack_eliciting(pn, now)
-            self._on_data(p, now)
+            fresh = self._on_data(p, now)
+            self._note_ack_eliciting(pn, now, fresh)
         elif t is PacketType.ACK:
             self._on_ack(p, now)
         elif t is PacketType.CLOSE:
-            self._note_ack_eliciting(pn, now)
-            self._on_close(p)
-        elif t is PacketType.PROBE:
-            self._note_ack_eliciting(pn, now)
+            fresh = self._on_close(p)
+            self._note_ack_eliciting(pn, now, fresh)
+        else:  # PROBE
+            self._note_ack_eliciting(pn, now, True)
             self._ack_now = True
-        else:  # RECONFIGURE and handshake types are not valid here
-            raise WireError(f"unexpected {t.name} on an established connection")
+        # only a packet that passed every check moves the expansion base
+        self._largest_pn_seen = max(self._largest_pn_seen, pn)
+
+    @property
+    def largest_pn_received(self) -> int:
+        """Largest packet number received from the peer in a valid packet
+        (the endpoint follows a peer to a new address only on a new one)."""
+        return self._largest_pn_seen
 
     def _expand_pn_rx(self, truncated: int) -> int:
-        return wire.expand(truncated, self._largest_pn_rx + 1)
+        return wire.expand(truncated, self._largest_pn_seen + 1)
 
-    def _note_ack_eliciting(self, pn: int, now: float) -> None:
-        if pn > self._largest_pn_rx:
+    def _note_ack_eliciting(self, pn: int, now: float, fresh: bool) -> None:
+        """Schedule an ACK.  Only ``fresh`` packets (new data, a first CLOSE,
+        a PROBE) move the largest packet number our ACKs echo: a duplicate
+        with a forged packet number must not make the sender reject them."""
+        if fresh and pn > self._largest_pn_rx:
             self._largest_pn_rx = pn
             self._largest_pn_rx_time = now
         self._ack_pending += 1
@@ -506,14 +544,21 @@ class Connection:
         self.peer_cid = packet.scid
         self._hs_started = now
         self._last_rx = now
-        self._largest_pn_rx = self._expand_pn_rx(packet.pn)
+        self._largest_pn_rx = self._largest_pn_seen = self._expand_pn_rx(packet.pn)
         fields = wire.decode_fields(packet.body)
         offers_raw = wire.field_json(fields, HsField.COMPOSITIONS)
         inventory = wire.field_json(fields, HsField.INVENTORY, default={})
-        if not isinstance(offers_raw, list) or not isinstance(inventory, dict):
+        if (
+            not isinstance(offers_raw, list)
+            or not isinstance(inventory, dict)
+            or not all(
+                isinstance(names, dict) and all(isinstance(v, list) for v in names.values())
+                for names in inventory.values()
+            )
+        ):
             raise WireError("malformed OFFER")
         peer_isn = wire.field_int(fields, HsField.INITIAL_SEQ, 4)
-        peer_mds = wire.field_int(fields, HsField.MAX_DATAGRAM, 2, default=1200)
+        peer_mds = self._peer_max_datagram(fields)
         chosen, index, reasons = None, None, []
         for i, raw in enumerate(offers_raw[:16]):
             try:
@@ -537,8 +582,7 @@ class Connection:
             self._refuse_out = (ErrorCode.NO_COMMON_COMPOSITION, reason)
             self._terminate(ErrorCode.NO_COMMON_COMPOSITION, reason, by_peer=False, silent=True)
             return
-        self._max_payload = min(self.config.max_datagram_size, peer_mds) - wire.DATA_OVERHEAD
-        self._adopt(chosen, peer_isn)
+        self._adopt(chosen, peer_isn, peer_mds)
         self.counter_offer = index is None
         self.offered_index = index
         fields_out = {
@@ -579,22 +623,28 @@ class Connection:
                 return
         self.peer_cid = p.scid
         peer_isn = wire.field_int(fields, HsField.INITIAL_SEQ, 4)
-        peer_mds = wire.field_int(fields, HsField.MAX_DATAGRAM, 2, default=1200)
+        peer_mds = self._peer_max_datagram(fields)
         window = wire.field_int(fields, HsField.WINDOW, 4)
-        self._max_payload = min(self.config.max_datagram_size, peer_mds) - wire.DATA_OVERHEAD
-        self._largest_pn_rx = self._expand_pn_rx(p.pn)
+        self._largest_pn_rx = self._largest_pn_seen = self._expand_pn_rx(p.pn)
         self._largest_pn_rx_time = now
         if self._hs_sends == 1:
             self.rtt.on_sample(now - self._hs_started)
-        self._adopt(comp, peer_isn)
-        self._peer_window_limit = self._snd_una + window
+        self._adopt(comp, peer_isn, peer_mds)
+        # the composition fixes the window: a larger advertisement is not believed
+        self._peer_window_limit = self._snd_una + min(window, self.flow.window)
         self.counter_offer = counter
         self.offered_index = None if counter else index
         self._confirm_pending = True
         self._last_rx = now
         self._established(now)
 
-    def _adopt(self, comp: Composition, peer_isn: int) -> None:
+    def _peer_max_datagram(self, fields: dict[int, bytes]) -> int:
+        peer_mds = wire.field_int(fields, HsField.MAX_DATAGRAM, 2, default=1200)
+        if peer_mds - wire.DATA_OVERHEAD < 16:
+            raise WireError(f"peer max datagram size {peer_mds} too small for a DATA packet")
+        return peer_mds
+
+    def _adopt(self, comp: Composition, peer_isn: int, peer_mds: int) -> None:
         """Instantiate the negotiated composition's TFs."""
         tfs = comp.instantiate(
             self.registry, congestion={"max_datagram_size": self.config.max_datagram_size}
@@ -610,8 +660,13 @@ class Connection:
         self.rtt.max_rto = p.get("max_rto", self.rtt.max_rto)
         self.rtt.backoff = p.get("rto_backoff", self.rtt.backoff)
         self._rcv_next = peer_isn
-        self._window_limit = peer_isn
-        self._reframe_unsent()
+        self._window_limit = peer_isn + self.flow.window  # what the handshake advertises
+        # the peer's receive buffer starts empty with the same window (the
+        # initiator's is confirmed by the ACCEPT, the responder's by the first ACK)
+        self._peer_window_limit = self._snd_una + self.flow.window
+        old_max_payload = self._max_payload
+        self._max_payload = min(self.config.max_datagram_size, peer_mds) - wire.DATA_OVERHEAD
+        self._reframe_unsent(old_max_payload)
 
     def _offers_messages(self) -> bool:
         """Before negotiation: does our first offer use message framing?"""
@@ -619,20 +674,38 @@ class Connection:
             return False
         return self.offers[0]["framing"].name == "message"
 
-    def _reframe_unsent(self) -> None:
-        """Data queued before negotiation was framed per our first offer;
-        a counter-offer may have changed the framing."""
+    def _reframe_unsent(self, old_max_payload: int) -> None:
+        """Data queued before negotiation was framed per our first offer and
+        our own datagram size; a counter-offer may have changed the framing
+        and the peer may take smaller datagrams: segment it again (message
+        boundaries are kept; stream bytes queued for a message composition
+        become messages of at most ``max_message_size``)."""
         if not self._unsent:
             return
         want_messages = self.framing.messages
         have_messages = self._offers_messages() if self.is_client else False
-        if want_messages == have_messages:
+        if want_messages == have_messages and old_max_payload == self._max_payload:
             return
-        data = b"".join(bytes(seg[0]) for seg in self._unsent)
+        units: list[bytes] = []
+        if have_messages:
+            parts: list[bytes] = []
+            for payload, flags in self._unsent:
+                if flags & DataFlags.MSG_START:
+                    parts = []
+                parts.append(bytes(payload))
+                if flags & DataFlags.MSG_END:
+                    units.append(b"".join(parts))
+        else:
+            units.append(b"".join(bytes(payload) for payload, _ in self._unsent))
         self._unsent.clear()
         self._unsent_bytes = 0
-        self.stats["app_bytes_sent"] -= len(data)
-        self.send(data)
+        if want_messages and not have_messages:
+            data, size = units[0], self.max_message_size
+            units = [data[i : i + size] for i in range(0, len(data), size)]
+        elif not want_messages:
+            units = [b"".join(units)]
+        for unit in units:
+            self._enqueue(unit, want_messages)
 
     def _established(self, now: float) -> None:
         self.state = State.ESTABLISHED
@@ -648,26 +721,27 @@ class Connection:
 
     # ------------------------------------------------------------ data in
 
-    def _on_data(self, p: wire.Packet, now: float) -> None:
+    def _on_data(self, p: wire.Packet, now: float) -> bool:
+        """Process a DATA packet; return whether it was new (not a duplicate
+        and inside the window)."""
         tseq, tuna, payload = wire.decode_data(p.body)
         rcv_next = self._rcv_next
         seq = wire.expand(tseq, rcv_next)
         una = wire.expand(tuna, rcv_next)
+        if len(payload) > self._max_payload:
+            raise WireError("segment larger than negotiated")
         if una > rcv_next:
-            if una > self._window_limit:
-                raise WireError("sender UNA beyond our advertised window")
+            self._check_una(una)
             self._skip_to(una)
             rcv_next = self._rcv_next
         if seq < rcv_next or seq in self._rcv_ranges:
             self.stats["duplicate_segments"] += 1
             self._ack_now = True
-            return
+            return False
         if seq >= self._window_limit or (self._peer_final is not None and seq >= self._peer_final):
             self.stats["out_of_window_drops"] += 1
             self._ack_now = True
-            return
-        if len(payload) > self._max_payload + 64:
-            raise WireError("segment larger than negotiated")
+            return False
         flags = p.flags
         if seq == rcv_next:
             self._rcv_next = seq + 1
@@ -683,7 +757,7 @@ class Connection:
             if not self.reliability.buffers_out_of_order:
                 self.stats["out_of_window_drops"] += 1
                 self._ack_now = True
-                return
+                return True  # its packet number still tells the sender what was lost
             self._rcv_ranges.add(seq, seq + 1)
             self._ack_now = True
             if self.ordering.ordered:
@@ -694,6 +768,15 @@ class Connection:
             else:
                 self._queue_data(payload, 1)
         self._check_eof()
+        return True
+
+    def _check_una(self, una: int) -> None:
+        """The sender says it abandoned everything below ``una`` (> rcv_next)."""
+        if self.reliability.reliable:
+            # a reliable sender's UNA never passes what we acknowledged
+            raise WireError("reliable sender's UNA skips data we never received")
+        if una > self._window_limit or (self._peer_final is not None and una > self._peer_final):
+            raise WireError("sender UNA beyond our advertised window")
 
     def _pull_contiguous(self) -> None:
         """Advance rcv_next over segments already received above it."""
@@ -730,11 +813,17 @@ class Connection:
         while not buf[start][1] & DataFlags.MSG_START:
             start -= 1
             if start not in buf:
+                # below rcv_next a missing piece will never come (abandoned,
+                # or dropped with its broken message): drop this message too
+                if start < self._rcv_next:
+                    self._drop_broken_messages(seq + 1, seq + 1)
                 return
         end = seq
         while not buf[end][1] & DataFlags.MSG_END:
             end += 1
             if end not in buf:
+                if end < self._rcv_next:
+                    self._drop_broken_messages(seq + 1, seq + 1)
                 return
         parts = [buf.pop(s)[0] for s in range(start, end + 1)]
         self._queue_message(b"".join(parts), len(parts))
@@ -824,30 +913,58 @@ class Connection:
             self._ack_now = True
             self._maybe_finished()
 
-    def _on_close(self, p: wire.Packet) -> None:
-        final = wire.expand(wire.decode_close(p.body[:4]), self._rcv_next)
-        if len(p.body) == 8:  # CLOSE also carries the sender's UNA
-            una = wire.expand(int.from_bytes(p.body[4:8], "big"), self._rcv_next)
-            if una > self._rcv_next and una <= final:
-                self._skip_to(una)
-        if final < self._rcv_next or final > self._window_limit:
+    def _on_close(self, p: wire.Packet) -> bool:
+        """Process a CLOSE; return whether it was the first one."""
+        tfinal, tuna = wire.decode_close(p.body)
+        rcv_next = self._rcv_next
+        final = wire.expand(tfinal, rcv_next)
+        una = wire.expand(tuna, rcv_next)
+        last = self._rcv_ranges.last()
+        received_end = last[1] if last else rcv_next  # above every segment we hold
+        if final < received_end or final > self._window_limit:
             raise WireError("CLOSE final sequence outside the window")
-        if self._peer_final is None:
-            self._peer_final = final
+        if self._peer_final is not None and final != self._peer_final:
+            raise WireError("CLOSE contradicts the final sequence announced before")
+        if una > final:
+            raise WireError("CLOSE with UNA beyond its final sequence")
+        if una > rcv_next:
+            self._check_una(una)
+            self._skip_to(una)
+        fresh = self._peer_final is None
+        self._peer_final = final
         self._ack_now = True
         self._check_eof()
+        return fresh
 
     # ------------------------------------------------------------ acks in
 
     def _on_ack(self, p: wire.Packet, now: float) -> None:
         frame = wire.decode_ack(p.body)
-        self.stats["acks_received"] += 1
         una = self._snd_una
         cum = wire.expand(frame.cum, una)
         largest_pn = wire.expand(frame.largest_pn, self._next_pn - 1)
-        if cum > self._snd_nxt or largest_pn >= self._next_pn:
-            raise WireError("ACK for data or packets never sent")
+        if cum > self._snd_nxt:
+            raise WireError("ACK for data never sent")
         limit = wire.expand(frame.window_limit, una)
+        if not cum <= limit <= cum + self.flow.window:
+            raise WireError("ACK window outside the negotiated receive window")
+        sack: list[tuple[int, int]] = []
+        floor = cum
+        for tstart, tend in frame.ranges:  # ascending, disjoint, above cum, all sent
+            start, end = wire.expand(tstart, una), wire.expand(tend, una)
+            if start < floor or end <= start or end > self._snd_nxt:
+                raise WireError("malformed or impossible SACK range")
+            sack.append((start, end))
+            floor = end
+        self.stats["acks_received"] += 1
+        if largest_pn >= self._next_pn:
+            # The peer echoes a packet number we never sent: it took a forged
+            # (or garbled yet CRC-valid) packet for ours.  Numbers are not
+            # authenticated, so it cannot tell; rejecting its ACKs would kill
+            # the connection.  Ignore the echo (no RTT sample, no threshold
+            # loss detection); the data acknowledged was checked on its own.
+            self.stats["invalid_ack_echo"] += 1
+            largest_pn = -1
         if limit > self._peer_window_limit:
             self._peer_window_limit = limit
             self._persist_deadline = None
@@ -857,22 +974,25 @@ class Connection:
             self._close_deadline = None
         acked: list[SentPacket] = []
         outstanding = self._outstanding
+        n_outstanding = len(outstanding)
         if cum > una:
             for seq in range(una, cum):
                 seg = outstanding.pop(seq, None)
                 if seg is not None:
                     self._segment_acked(seg, acked)
             self._sacked.remove_below(cum)
-        for tstart, tend in frame.ranges:
-            start = max(wire.expand(tstart, una), cum)
-            end = min(wire.expand(tend, una), self._snd_nxt)
-            for a, b in self._sacked.add(start, end):
+        for start, end in sack:
+            for a, b in self._sacked.add(max(start, una), end):
                 for seq in range(a, b):
                     seg = outstanding.pop(seq, None)
                     if seg is not None:
                         self._segment_acked(seg, acked)
         self._advance_una()
-        rtt_sample = False
+        if len(outstanding) < n_outstanding:
+            # new data acknowledged: the path delivers again, whether or not
+            # this ACK gives an RTT sample (RFC 9002 resets the PTO backoff
+            # alike; packet numbers are never reused, so nothing is ambiguous)
+            self.rtt.backoff_count = 0
         if largest_pn > self._largest_acked_pn:
             self._largest_acked_pn = largest_pn
             sp = self._sent.get(largest_pn)
@@ -883,7 +1003,6 @@ class Connection:
                         break
             if sp is not None:
                 self.rtt.on_sample(now - sp.sent_time, frame.ack_delay_us / 1e6)
-                rtt_sample = True
                 self.cc.on_rtt_measurement(rtt=self.rtt, now=now)
         if acked:
             rate = self._rate_sample(acked, now)
@@ -894,7 +1013,6 @@ class Connection:
                 bytes_in_flight=self._bytes_in_flight,
                 rate=rate,
             )
-            self.rtt.backoff_count = 0 if rtt_sample else self.rtt.backoff_count
         self._detect_losses(now)
         if acked:
             self._rto_deadline = now + self.rtt.rto() if self._bytes_in_flight else None
@@ -1209,7 +1327,7 @@ class Connection:
         self._close_due = False
         pn = self._next_pn
         self._next_pn += 1
-        body = wire.encode_close(self._close_final) + (self._snd_una % U32).to_bytes(4, "big")
+        body = wire.encode_close(self._close_final, self._snd_una)
         datagram = wire.encode(PacketType.CLOSE, self.peer_cid, self.local_cid, pn, body)
         self._track_control(pn, len(datagram), now)
         out.append(datagram)
@@ -1256,6 +1374,16 @@ class Connection:
 
     # ========================================================= lifecycle
 
+    def _only_close_unconfirmed(self) -> bool:
+        """We delivered the peer's end of stream and it acknowledged all our
+        data up to our CLOSE: all that is missing is its ACK of the CLOSE."""
+        return (
+            self._eof_delivered
+            and self._close_final is not None
+            and not self._outstanding
+            and self._snd_una >= self._close_final
+        )
+
     def _maybe_finished(self) -> None:
         if (
             self._close_acked
@@ -1275,8 +1403,8 @@ class Connection:
         self._unsent.clear()
         self._retx_heap.clear()
         self._sent.clear()
-        # linger to answer a peer that missed our last ACK (3 RTOs, RFC 9000 style)
-        self._drain_deadline = self._last_rx + 3 * self.rtt.base_rto() if code == 0 else None
+        # linger to answer a peer that missed our last ACK
+        self._drain_deadline = None
         for attr in (
             "_hs_deadline",
             "_rto_deadline",
@@ -1289,11 +1417,20 @@ class Connection:
         ):
             setattr(self, attr, None)
         if code == 0:
-            self._drain_deadline = max(self._last_rx, self._last_tx) + 3 * self.rtt.base_rto()
+            self._drain_deadline = (
+                max(self._last_rx, self._last_tx) + DRAIN_RTOS * self.rtt.base_rto()
+            )
 
-    def _receive_while_draining(self, p: wire.Packet) -> None:
-        if p.type is PacketType.CLOSE and self._eof_delivered and self._drain_deadline is not None:
-            self._ack_now = True  # peer missed our CLOSE_ACKED
+    def _receive_while_draining(self, p: wire.Packet, now: float) -> None:
+        if (
+            p.type in (PacketType.CLOSE, PacketType.DATA, PacketType.PROBE)
+            and p.scid == self.peer_cid
+            and self._eof_delivered
+            and self._drain_deadline is not None
+        ):
+            self._ack_now = True  # peer missed our final ACK (CLOSE_ACKED)
+            # it is still waiting for it: linger on (TCP restarts TIME-WAIT alike)
+            self._drain_deadline = now + DRAIN_RTOS * self.rtt.base_rto()
         elif p.type is PacketType.OFFER and self._refuse_out_sent is not None:
             self._refuse_out = self._refuse_out_sent
 

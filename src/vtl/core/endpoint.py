@@ -86,11 +86,14 @@ class EndpointCore:
                 self._stateless_reset(packet, addr, now)
             return
         before = conn.stats["dropped_invalid"]
+        largest = conn.largest_pn_received
         conn.receive_packet(packet, len(datagram), now)
         if conn.stats["dropped_invalid"] != before:
             self.drops["invalid_for_connection"] += 1
-        else:
-            self.addresses[conn.local_cid] = addr  # follow a peer that moved
+        elif conn.largest_pn_received > largest:
+            # follow a peer that moved, on its newest packets only: a replayed
+            # old packet from elsewhere must not redirect the connection
+            self.addresses[conn.local_cid] = addr
         self._announce(conn)
 
     def _receive_offer(self, packet: wire.Packet, datagram: bytes, addr: Address, now: float):

@@ -61,6 +61,9 @@ class RangeSet:
     def first(self) -> tuple[int, int] | None:
         return (self._starts[0], self._ends[0]) if self._starts else None
 
+    def last(self) -> tuple[int, int] | None:
+        return (self._starts[-1], self._ends[-1]) if self._starts else None
+
     def ranges(self, limit: int | None = None) -> list[tuple[int, int]]:
         n = len(self._starts) if limit is None else min(limit, len(self._starts))
         return [(self._starts[k], self._ends[k]) for k in range(n)]

@@ -35,7 +35,7 @@ DATA_OVERHEAD = OVERHEAD + DATA_PREFIX.size  # framing of one DATA packet (40 by
 ACK_FIXED = struct.Struct("!IIIIB")  # cum, window limit, largest pn, ack delay us, nranges
 ACK_RANGE = struct.Struct("!II")  # start, end (exclusive)
 ACK_MAX_RANGES = 32
-CLOSE_BODY = struct.Struct("!I")  # final seq (exclusive)
+CLOSE_BODY = struct.Struct("!II")  # final seq (exclusive), sender's una
 ERROR_FIXED = struct.Struct("!HH")  # code, reason length
 HS_TLV = struct.Struct("!HH")  # handshake body TLV: type, length
 OPT_TLV = struct.Struct("!BB")  # header option TLV: type, length
@@ -133,8 +133,8 @@ def expand(truncated: int, expected: int, bits: int = 32) -> int:
 # ---------------------------------------------------------------- encoding
 
 
-def _finish(head: bytes) -> bytes:
-    return head + CRC.pack(crc32c(head))
+def _finish(head: bytes, covered: int | None = None) -> bytes:
+    return head + CRC.pack(crc32c(head if covered is None else head[:covered]))
 
 
 def encode(
@@ -158,7 +158,11 @@ def encode(
     if len(body) + len(opts) + OVERHEAD > MAX_DATAGRAM:
         raise WireError("packet larger than a UDP datagram")
     head = HEADER.pack(VERSION, ptype, flags, 0, dcid, scid, pn % U32, len(opts), len(body))
-    return _finish(head + opts + body)
+    covered = None
+    cov = options.get(OptionType.CHECKSUM_COVERAGE) if options else None
+    if cov is not None and len(cov) == 2:  # as decode() checks it
+        covered = HEADER_SIZE + len(opts) + int.from_bytes(cov, "big")
+    return _finish(head + opts + body, covered)
 
 
 def encode_data(
@@ -278,14 +282,15 @@ def decode_data(body: bytes) -> tuple[int, int, bytes]:
     return seq, una, body[DATA_PREFIX.size :]
 
 
-def encode_close(final_seq: int) -> bytes:
-    return CLOSE_BODY.pack(final_seq % U32)
+def encode_close(final_seq: int, una: int) -> bytes:
+    return CLOSE_BODY.pack(final_seq % U32, una % U32)
 
 
-def decode_close(body: bytes) -> int:
+def decode_close(body: bytes) -> tuple[int, int]:
+    """Return (truncated final seq, truncated una)."""
     if len(body) != CLOSE_BODY.size:
         raise WireError("bad CLOSE body")
-    return CLOSE_BODY.unpack(body)[0]
+    return CLOSE_BODY.unpack(body)
 
 
 def encode_error(code: int, reason: str) -> bytes:
@@ -350,7 +355,7 @@ def field_json(fields: dict[int, bytes], ftype: int, default=None):
         return default
     try:
         return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting: RecursionError
         raise WireError(f"handshake field {HsField(ftype).name} is not valid JSON") from exc
 
 

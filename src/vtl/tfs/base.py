@@ -34,7 +34,7 @@ class Param:
                 ok = True
             except (KeyError, ValueError):
                 ok = False
-        if not ok:
+        if not ok or value != value:  # NaN passes every range check below
             raise CompositionError(
                 f"{where}: parameter {name!r} must be {t.__name__}, got {value!r}"
             )

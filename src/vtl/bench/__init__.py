@@ -1,0 +1,1 @@
+"""Benchmarks and reference transfers used to measure VTL against kernel TCP."""

@@ -1,0 +1,1 @@
+"""The ``vtl`` command-line interface."""

@@ -1,0 +1,196 @@
+"""``vtl send`` / ``vtl recv``: move a file or stdin over VTL.
+
+The receiver answers the sender with the SHA-256 and size of what it got, so
+both ends can state that the transfer was verified end to end."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import sys
+import time
+from typing import Any
+
+from vtl.cli.common import add_service_arguments, emit, fail, offers_from_args, parse_address
+from vtl.core.config import ConnectionConfig
+from vtl.core.errors import VtlError
+
+CHUNK = 256 * 1024
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("send", help="send a file (or stdin) to a 'vtl recv'")
+    p.add_argument("peer", type=parse_address, help="receiver HOST:PORT")
+    p.add_argument("file", nargs="?", default="-", help="file to send (default: stdin)")
+    p.add_argument("--bind", type=parse_address, default=None, help="local HOST:PORT")
+    p.add_argument("--timeout", type=float, default=10.0, help="handshake timeout (s)")
+    p.add_argument("--json", action="store_true", help="print one JSON record")
+    add_service_arguments(p)
+    p.set_defaults(func=run_send)
+
+    r = sub.add_parser("recv", help="receive files sent with 'vtl send'")
+    r.add_argument("listen", type=parse_address, help="HOST:PORT (or PORT) to listen on")
+    r.add_argument("-o", "--output", default=None, help="write data here ('-' = stdout)")
+    r.add_argument("--count", type=int, default=1, help="transfers to accept (0 = forever)")
+    r.add_argument("--json", action="store_true", help="print one JSON record per transfer")
+    add_service_arguments(r)
+    r.set_defaults(func=run_recv)
+
+
+def _config(args: argparse.Namespace) -> ConnectionConfig:
+    return ConnectionConfig(handshake_timeout=getattr(args, "timeout", 10.0))
+
+
+def run_send(args: argparse.Namespace) -> int:
+    try:
+        offers, why = offers_from_args(args)
+    except VtlError as exc:
+        return fail(str(exc))
+    try:
+        record = asyncio.run(_send(args, offers))
+    except (VtlError, OSError) as exc:
+        return fail(str(exc), 1)
+    record["selection"] = why
+    emit(record, args.json, _human("sent", record), sys.stdout if args.json else sys.stderr)
+    return 0 if record["verified"] else 1
+
+
+async def _send(args: argparse.Namespace, offers) -> dict[str, Any]:
+    from vtl.io import UdpEndpoint
+
+    host = args.peer[0]
+    bind = args.bind or (("::" if ":" in host else "0.0.0.0"), 0)
+    ep = await UdpEndpoint.create(bind, config=_config(args))
+    try:
+        start = time.monotonic()
+        conn = await ep.connect(args.peer, offers, timeout=args.timeout)
+        ready = time.monotonic()
+        digest = hashlib.sha256()
+        total = 0
+        src = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
+        try:
+            while chunk := src.read(CHUNK):
+                digest.update(chunk)
+                total += len(chunk)
+                await conn.send(chunk)
+        finally:
+            if src is not sys.stdin.buffer:
+                src.close()
+        conn.close()
+        reply = b""
+        while part := await conn.receive():
+            reply += part
+        end = time.monotonic()
+        await conn.wait_closed()
+        try:
+            answer = json.loads(reply.decode())
+        except ValueError:
+            answer = {}
+        stats = conn.stats()
+        return {
+            "role": "sender",
+            "bytes": total,
+            "sha256": digest.hexdigest(),
+            "verified": answer.get("sha256") == digest.hexdigest() and answer.get("bytes") == total,
+            "composition": str(conn.composition),
+            "counter_offer": conn.counter_offer,
+            "handshake_s": ready - start,
+            "seconds": end - ready,
+            "goodput_mbps": total * 8 / max(end - ready, 1e-9) / 1e6,
+            "retransmissions": stats.get("retransmissions"),
+            "packets_lost": stats.get("packets_lost"),
+            "srtt_ms": (stats.get("srtt") or 0) * 1000,
+        }
+    finally:
+        ep.close()
+
+
+def run_recv(args: argparse.Namespace) -> int:
+    try:
+        offers, _ = offers_from_args(args)
+    except VtlError as exc:
+        return fail(str(exc))
+    try:
+        asyncio.run(_recv(args, offers))
+    except KeyboardInterrupt:
+        return 130
+    except (VtlError, OSError) as exc:
+        return fail(str(exc), 1)
+    return 0
+
+
+async def _recv(args: argparse.Namespace, offers) -> None:
+    from vtl.io import UdpEndpoint
+
+    cfg = _config(args)
+    cfg.counter_offers = list(offers)
+    ep = await UdpEndpoint.create(args.listen, config=cfg, listen=True)
+    sys.stderr.write(f"vtl recv: listening on {ep.local_address}\n")
+    sys.stderr.flush()
+    done = 0
+    to_stdout = args.output == "-"
+    try:
+        while args.count == 0 or done < args.count:
+            conn = await ep.accept()
+            done += 1
+            record = await _receive_one(conn, args.output)
+            stream = sys.stderr if to_stdout or not args.json else sys.stdout
+            emit(record, args.json, _human("received", record), stream)
+    finally:
+        ep.close()
+
+
+async def _receive_one(conn, output: str | None) -> dict[str, Any]:
+    start = time.monotonic()
+    digest = hashlib.sha256()
+    total = 0
+    sink = None
+    if output == "-":
+        sink = sys.stdout.buffer
+    elif output:
+        sink = open(output, "wb")  # noqa: SIM115
+    try:
+        while data := await conn.receive():
+            digest.update(data)
+            total += len(data)
+            if sink is not None:
+                sink.write(data)
+    finally:
+        if sink is not None and sink is not sys.stdout.buffer:
+            sink.close()
+        elif sink is not None:
+            sink.flush()
+    end = time.monotonic()
+    answer = {"bytes": total, "sha256": digest.hexdigest()}
+    await conn.send(json.dumps(answer).encode())
+    conn.close()
+    await conn.wait_closed()
+    stats = conn.stats()
+    return {
+        "role": "receiver",
+        "peer": conn.peer_address,
+        "bytes": total,
+        "sha256": answer["sha256"],
+        "composition": str(conn.composition),
+        "counter_offer": conn.counter_offer,
+        "seconds": end - start,
+        "goodput_mbps": total * 8 / max(end - start, 1e-9) / 1e6,
+        "duplicate_segments": stats.get("duplicate_segments"),
+    }
+
+
+def _human(verb: str, r: dict[str, Any]) -> str:
+    lines = [
+        f"{verb} {r['bytes']} bytes in {r['seconds']:.3f} s: {r['goodput_mbps']:.1f} Mbit/s",
+        f"  composition: {r['composition']}" + ("  (counter-offer)" if r["counter_offer"] else ""),
+        f"  sha256: {r['sha256']}",
+    ]
+    if "verified" in r:
+        lines.append(f"  verified by receiver: {'yes' if r['verified'] else 'NO'}")
+        lines.append(
+            f"  retransmissions: {r['retransmissions']}  lost packets: {r['packets_lost']}"
+            f"  srtt: {r['srtt_ms']:.2f} ms"
+        )
+    return "\n".join(lines)
