@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -64,13 +65,15 @@ def offers_from_args(args: argparse.Namespace) -> tuple[list[Composition], str]:
         "low-latency": TransportProperties.low_latency,
     }[args.service]
     props = factory()
-    for name in ("max_delay_ms", "min_throughput_mbps", "max_loss_percent"):
-        value = getattr(args, name, None)
-        if value is not None:
-            props = props.replace(**{name: value}) if hasattr(props, "replace") else props
-            setattr(props, name, value)
-    ranked = selection.select(props)
-    return [c.composition for c in ranked], ranked.explain() if hasattr(ranked, "explain") else ""
+    targets = {
+        name: getattr(args, name)
+        for name in ("max_delay_ms", "min_throughput_mbps", "max_loss_percent")
+        if getattr(args, name, None) is not None
+    }
+    if targets:
+        props = dataclasses.replace(props, **targets)
+    chosen = selection.select(props)
+    return chosen.offers(), chosen.summary()
 
 
 def emit(record: dict[str, Any], as_json: bool, human: str, stream=None) -> None:
