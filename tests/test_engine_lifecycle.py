@@ -866,3 +866,76 @@ def test_close_under_heavy_loss_both_ways_is_clean() -> None:
             continue  # ~7 handshake packets lost in a row
         assert_clean(result)
         assert result.b.data == b"x" * 20_000 and result.a.data == b"y" * 20_000
+
+
+# ========================================================= endpoint limits
+
+
+def test_abort_before_accept_reaches_the_responder() -> None:
+    """An initiator that aborts before it knows the responder's connection ID
+    sends a RESET with destination ID 0; the responder's half-open connection
+    must go away at once, not linger until its handshake timeout."""
+    net = SimNetwork(seed=3)
+    a, b = EndpointCore(cfg(1)), EndpointCore(cfg(2), listen=True)
+    net.attach(ADDR_A, a)
+    net.attach(ADDR_B, b)
+    net.link(ADDR_A, ADDR_B, LinkConditions(delay=0.05))
+    conn = a.connect(ADDR_B, [SR], 0.0)
+    net.poke()
+    net.run(0.06)  # the OFFER arrived, the ACCEPT is on its way back
+    assert b.pending_handshakes() == 1
+    conn.abort(reason="changed my mind")
+    net.poke()
+    net.run(0.115)  # the RESET arrived; a stateless reply to our ACCEPT could not have yet
+    assert b.pending_handshakes() == 0
+    assert b.drops["no_destination_cid"] == 0
+    net.run(0.3)
+    assert not b.connections
+    assert b.accept() is None
+
+
+def test_backlog_bounds_half_open_connections() -> None:
+    """OFFERs beyond the backlog are refused (and counted), so a flood of
+    OFFERs cannot grow the responder's state without bound."""
+    net = SimNetwork(seed=4)
+    b = EndpointCore(cfg(2), listen=True, backlog=5)
+    net.attach(ADDR_B, b)
+    initiators = []
+    for i in range(8):
+        addr = ("a", i)
+        ep = EndpointCore(cfg(10 + i))
+        net.attach(addr, ep)
+        net.link(addr, ADDR_B, LinkConditions(delay=0.01))
+        initiators.append(ep.connect(ADDR_B, [SR], 0.0))
+    net.poke()
+    net.run(0.5)
+    assert b.drops["backlog_full"] == 3
+    ready = [c for c in initiators if c.is_established]
+    refused = [c for c in initiators if c.is_terminated]
+    assert len(ready) == 5 and len(refused) == 3
+    # once the application accepts, there is room again
+    while b.accept() is not None:
+        pass
+    assert b.pending_handshakes() == 0
+
+
+def test_burst_cap_asks_to_be_called_again_now() -> None:
+    """When datagrams_to_send stops at max_burst_packets with more it could
+    send, next_timer() must say 'now' (the sans-I/O contract)."""
+    net = SimNetwork(seed=5)
+    a = EndpointCore(cfg(1, max_burst_packets=8))
+    b = EndpointCore(cfg(2), listen=True)
+    net.attach(ADDR_A, a)
+    net.attach(ADDR_B, b)
+    conn = a.connect(
+        ADDR_B, [Composition.parse("reliability=selective-repeat congestion=none")], 0.0
+    )
+    net.poke()
+    assert net.run_until(lambda: conn.is_established, 1.0)
+    conn.send(bytes(200_000))
+    now = net.now
+    first = conn.datagrams_to_send(now)
+    assert len(first) == 8
+    assert conn.next_timer() == now
+    conn.handle_timer(now)
+    assert len(conn.datagrams_to_send(now)) == 8

@@ -1252,6 +1252,9 @@ class Connection:
             if paced:
                 self._pace_tokens -= size_est
             budget -= 1
+        if budget == 0 and self._pace_deadline is None and self._has_sendable():
+            # stopped by max_burst_packets, not by cwnd/pacing: ask to be called again now
+            self._pace_deadline = now
 
     def _emit_segment(self, seg: Segment, now: float) -> bytes:
         pn = self._next_pn

@@ -27,9 +27,13 @@ class EndpointCore:
     #: most stateless RESETs sent per second (answers to unknown connection IDs)
     RESET_RATE = 50.0
 
-    def __init__(self, config: ConnectionConfig | None = None, *, listen: bool = False) -> None:
+    def __init__(
+        self, config: ConnectionConfig | None = None, *, listen: bool = False, backlog: int = 1024
+    ) -> None:
         self.config = config or ConnectionConfig()
         self.listening = listen
+        #: most responder connections half-open or waiting for accept(); more OFFERs are refused
+        self.backlog = backlog
         self.connections: dict[int, Connection] = {}
         self.addresses: dict[int, Address] = {}
         self._handshakes: dict[tuple[Address, int], Connection] = {}
@@ -97,17 +101,25 @@ class EndpointCore:
         self._announce(conn)
 
     def _receive_offer(self, packet: wire.Packet, datagram: bytes, addr: Address, now: float):
+        key = (addr, packet.scid)
+        conn = self._handshakes.get(key)
+        if packet.type is PacketType.RESET and conn is not None and conn.state is State.ACCEPTING:
+            # the initiator aborted before it learned our connection ID
+            conn.receive_packet(packet, len(datagram), now)
+            return
         if packet.type is not PacketType.OFFER:
             self.drops["no_destination_cid"] += 1
             return
-        key = (addr, packet.scid)
-        conn = self._handshakes.get(key)
         if conn is not None:
             conn.receive_packet(packet, len(datagram), now)
             return
         if not self.listening:
             self.drops["not_listening"] += 1
             self._stateless_reset(packet, addr, now, ErrorCode.NOT_LISTENING, "not listening")
+            return
+        if self.pending_handshakes() >= self.backlog:
+            self.drops["backlog_full"] += 1
+            self._stateless_reset(packet, addr, now, ErrorCode.ENDPOINT_CLOSING, "backlog full")
             return
         conn = Connection(is_client=False, config=self.config)
         while conn.local_cid in self.connections:
@@ -121,6 +133,12 @@ class EndpointCore:
         self.connections[conn.local_cid] = conn
         self.addresses[conn.local_cid] = addr
         self._handshakes[key] = conn
+
+    def pending_handshakes(self) -> int:
+        """Responder connections not yet taken by the application: half-open
+        ones plus completed ones waiting in the accept queue."""
+        half_open = sum(1 for c in self._handshakes.values() if c.state is State.ACCEPTING)
+        return half_open + len(self._accepted)
 
     def _announce(self, conn: Connection) -> None:
         if (
