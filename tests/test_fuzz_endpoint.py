@@ -777,7 +777,7 @@ def test_accept_cannot_advertise_more_than_the_negotiated_window() -> None:
 
 
 def test_draining_connection_lingers_while_its_peer_retransmits() -> None:
-    from vtl.core.connection import DRAIN_RTOS
+    from vtl.core.records import DRAIN_RTOS
 
     a, b = pair()
     a.close()
