@@ -168,11 +168,28 @@ def encode(
 def encode_data(
     dcid: int, scid: int, pn: int, seq: int, una: int, payload: bytes, flags: int = 0
 ) -> bytes:
-    """Hot path: a DATA packet without options."""
-    head = HEADER.pack(
-        VERSION, PacketType.DATA, flags, 0, dcid, scid, pn % U32, 0, DATA_PREFIX.size + len(payload)
+    """Hot path: a DATA packet without options (one copy of the payload:
+    the CRC runs incrementally over header and payload, then one join)."""
+    head = _DATA_HEAD.pack(
+        VERSION,
+        _DATA,
+        flags,
+        0,
+        dcid,
+        scid,
+        pn & _MASK32,
+        0,
+        DATA_PREFIX.size + len(payload),
+        seq & _MASK32,
+        una & _MASK32,
     )
-    return _finish(head + DATA_PREFIX.pack(seq % U32, una % U32) + payload)
+    return b"".join((head, payload, _CRC_PACK(crc32c(payload, crc32c(head)))))
+
+
+_DATA_HEAD = struct.Struct("!BBBBQQIHHII")  # HEADER + DATA_PREFIX in one pack
+_DATA = int(PacketType.DATA)
+_MASK32 = U32 - 1
+_CRC_PACK = CRC.pack
 
 
 def peek_dcid(datagram: bytes) -> int:
@@ -188,17 +205,17 @@ def decode(datagram: bytes | bytearray | memoryview) -> Packet:
     n = len(datagram)
     if n < OVERHEAD:
         raise WireError("datagram shorter than a header")
-    version, ptype, flags, _reserved, dcid, scid, pn, optlen, bodylen = HEADER.unpack_from(
+    version, raw_type, flags, _reserved, dcid, scid, pn, optlen, bodylen = HEADER.unpack_from(
         datagram, 0
     )
+    ptype = raw_type
     if version != VERSION:
         raise WireError(f"unsupported version {version}", reason="version")
     if HEADER_SIZE + optlen + bodylen + CRC_SIZE != n:
         raise WireError("length fields do not match the datagram size")
-    try:
-        ptype = PacketType(ptype)
-    except ValueError:
-        raise WireError(f"unknown packet type {ptype}", reason="type") from None
+    ptype = _TYPES.get(ptype)
+    if ptype is None:
+        raise WireError(f"unknown packet type {raw_type}", reason="type")
     options: dict[int, bytes] = {}
     if optlen:
         pos = HEADER_SIZE
@@ -222,7 +239,7 @@ def decode(datagram: bytes | bytearray | memoryview) -> Packet:
             raise WireError("bad checksum coverage option")
         covered = min(covered, HEADER_SIZE + optlen + int.from_bytes(cov, "big"))
     (crc,) = CRC.unpack_from(datagram, n - CRC_SIZE)
-    if crc32c(bytes(datagram[:covered])) != crc:
+    if crc32c(memoryview(datagram)[:covered]) != crc:
         raise WireError("checksum mismatch", reason="checksum")
     start = HEADER_SIZE + optlen
     body = bytes(datagram[start : start + bodylen])
@@ -230,6 +247,7 @@ def decode(datagram: bytes | bytearray | memoryview) -> Packet:
 
 
 _KNOWN_OPTIONS = frozenset(int(o) for o in OptionType)
+_TYPES = {int(t): t for t in PacketType}
 
 
 # ---------------------------------------------------------------- bodies
