@@ -39,7 +39,18 @@ def pkts(n: int, sent_time: float, size: int = MDS) -> list[FakePacket]:
     return [FakePacket(sent_time=sent_time, size=size) for _ in range(n)]
 
 
-def ack(cc: CongestionControl, packets: list[FakePacket], now: float, flight: int = 0) -> None:
+def ack(
+    cc: CongestionControl,
+    packets: list[FakePacket],
+    now: float,
+    flight: int = 0,
+    limited: bool = True,
+) -> None:
+    """Acknowledge ``packets``; by default the sender was window-limited
+    just before (a packet left with the flight at the full window)."""
+    if limited:
+        cwnd = min(cc.congestion_window, INFINITE_WINDOW)
+        cc.on_packet_sent(packet=FakePacket(sent_time=now), now=now, bytes_in_flight=cwnd)
     cc.on_packets_acked(packets=packets, now=now, rtt=RttEstimator(), bytes_in_flight=flight)
 
 
@@ -276,7 +287,7 @@ def test_rate_sample_and_rtt_hooks_do_not_change_newreno():
     rtt = RttEstimator()
     rtt.on_sample(0.05)
     cc.on_rtt_measurement(rtt=rtt, now=0.05)
-    cc.on_packet_sent(packet=FakePacket(sent_time=0.05), now=0.05, bytes_in_flight=MDS)
+    cc.on_packet_sent(packet=FakePacket(sent_time=0.05), now=0.05, bytes_in_flight=10 * MDS)
     sample = RateSample(1e6, MDS, 0.05, 0.05, False, 0)
     cc.on_packets_acked(packets=pkts(1, 0.05), now=0.1, rtt=rtt, bytes_in_flight=0, rate=sample)
     assert cc.congestion_window == 11_000
@@ -393,3 +404,21 @@ def test_new_congestion_event_resets_avoidance_byte_counter():
     assert cc.congestion_window == 2_500
     ack(cc, pkts(1, sent_time=0.3), now=0.4)
     assert cc.congestion_window == 3_500
+
+
+def test_newreno_does_not_grow_an_unused_window():
+    """Congestion window validation: an application-limited sender (flight
+    far below the window) must not inflate cwnd, in slow start or after."""
+    cc = newreno()
+    start = cc.congestion_window
+    for i in range(50):
+        now = 0.01 * i
+        cc.on_packet_sent(packet=FakePacket(sent_time=now), now=now, bytes_in_flight=MDS)
+        ack(cc, pkts(1, now), now + 0.001, limited=False)
+    assert cc.congestion_window == start
+    # the same ACKs grow it when the window was in use within the last RTT
+    ack(cc, pkts(4, 1.0), 1.001)
+    assert cc.congestion_window == start + 4 * MDS
+    # ... but not once the last window-limited send is more than an RTT old
+    ack(cc, pkts(4, 1.0), 1.0 + RttEstimator().smoothed + 0.01, limited=False)
+    assert cc.congestion_window == start + 4 * MDS

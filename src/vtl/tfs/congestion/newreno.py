@@ -20,6 +20,13 @@ ends the period.
   ACK in between.  The RTO plays the role of RFC 9002's persistent
   congestion.
 
+The window only grows while the sender actually uses it (congestion window
+validation, RFC 7661 in spirit, as Linux's ``tcp_is_cwnd_limited``): an ACK
+grows it only if, within the last smoothed RTT, a packet left with the
+flight at the window (in slow start: at half of it).  Otherwise an
+application-limited sender would inflate the window, and the pacing rate
+derived from it, without bound.
+
 The pacing rate is left to the engine (``pacing_rate = None``).
 """
 
@@ -65,6 +72,7 @@ class NewReno(CongestionControl):
         # (now, bytes in flight before the losses) of the last loss report, so
         # an RTO reported right after its losses still sees the flight size.
         self._last_loss: tuple[float, int] | None = None
+        self._last_limited: float | None = None  # last send with the window (nearly) full
 
     # -- helpers ---------------------------------------------------------
 
@@ -77,7 +85,17 @@ class NewReno(CongestionControl):
         self.recovery_start_time = now
         self._ca_acked = 0
 
+    def _cwnd_limited(self, now: float, rtt: RttEstimator) -> bool:
+        return self._last_limited is not None and now - self._last_limited <= rtt.smoothed
+
     # -- hooks -------------------------------------------------------------
+
+    def on_packet_sent(self, *, packet: SentPacketInfo, now: float, bytes_in_flight: int) -> None:
+        """``bytes_in_flight`` includes ``packet``."""
+        cwnd = self.congestion_window
+        full = cwnd // 2 if self.in_slow_start else cwnd - self.max_datagram_size
+        if bytes_in_flight >= full:
+            self._last_limited = now
 
     def on_packets_acked(
         self,
@@ -88,12 +106,15 @@ class NewReno(CongestionControl):
         bytes_in_flight: int,
         rate: RateSample | None = None,
     ) -> None:
+        limited = self._cwnd_limited(now, rtt)
         for packet in packets:
             if not packet.in_flight:
                 continue
             self._rto_backoff = False
             if self.in_recovery(packet.sent_time):
                 continue  # no increase during recovery (RFC 9002 7.3.2)
+            if not limited:
+                continue  # the window was not in use: do not grow it (RFC 7661)
             if self.in_slow_start:
                 self.congestion_window += packet.size
             else:
