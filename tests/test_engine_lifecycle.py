@@ -939,3 +939,40 @@ def test_burst_cap_asks_to_be_called_again_now() -> None:
     assert conn.next_timer() == now
     conn.handle_timer(now)
     assert len(conn.datagrams_to_send(now)) == 8
+
+
+# ======================================================== tail loss probe
+
+
+@pytest.mark.parametrize("spec", ["reliability=selective-repeat", "reliability=go-back-n"])
+def test_tail_loss_probe_recovers_a_lone_lost_message_within_rtts(spec: str) -> None:
+    """A request that is the only packet in flight and gets lost must not
+    wait for the RTO (>= 200 ms): a probe two RTTs after it resends it."""
+    net = SimNetwork(seed=6)
+    a, b = EndpointCore(cfg(1)), EndpointCore(cfg(2), listen=True)
+    first_data = drop_first(1, is_type(PacketType.DATA))
+    victim = Filter(b, first_data)
+    net.attach(ADDR_A, a)
+    net.attach(ADDR_B, victim)
+    net.link(ADDR_A, ADDR_B, LinkConditions(delay=0.01))  # 20 ms RTT
+    conn = a.connect(ADDR_B, [Composition.parse(spec)], 0.0)
+    net.poke()
+    assert net.run_until(lambda: conn.is_established and b.accept() is not None, 1.0)
+    server = next(iter(c for c in b.connections.values()))
+    sent_at = net.now
+    conn.send(b"request")
+    net.poke()
+    got: list[float] = []
+
+    def arrived() -> bool:
+        while (e := server.next_event()) is not None:
+            if isinstance(e, DataReceived):
+                got.append(net.now)
+        return bool(got)
+
+    assert net.run_until(arrived, 2.0)
+    assert victim.dropped == [PacketType.DATA]
+    latency = got[0] - sent_at
+    assert latency < 0.1, latency  # ~2 RTT + ack delay + one-way delay, not an RTO
+    assert conn.stats["tail_loss_probes"] == 1
+    assert conn.stats["rto_count"] == 0

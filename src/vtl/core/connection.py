@@ -96,6 +96,7 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
             "retransmissions": 0,
             "packets_lost": 0,
             "rto_count": 0,
+            "tail_loss_probes": 0,
             "acks_sent": 0,
             "acks_received": 0,
             "duplicate_segments": 0,
@@ -137,6 +138,10 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
         self._sacked = RangeSet()
         self._rto_deadline: float | None = None
         self._loss_deadline: float | None = None
+        self._tlp_deadline: float | None = None  # tail loss probe (RFC 8985 / 9002 PTO)
+        self._tlp_count = 0  # probes sent since the last ACK of new data
+        self._tlp_pending = False  # the next segment may pass cwnd and pacer
+        self._last_data_sent = 0.0
         self._persist_deadline: float | None = None
         self._pace_tokens = 0.0
         self._pace_time: float | None = None
@@ -310,6 +315,7 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
             self._hs_deadline,
             self._rto_deadline,
             self._loss_deadline,
+            self._tlp_deadline,
             self._ack_deadline if self._ack_pending else None,
             self._persist_deadline,
             self._close_deadline,
@@ -350,6 +356,9 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
             self._detect_losses(now)
         if self._rto_deadline is not None and now >= self._rto_deadline:
             self._on_rto(now)
+        if self._tlp_deadline is not None and now >= self._tlp_deadline:
+            self._tlp_deadline = None
+            self._on_tail_loss_probe(now)
         if self._ack_pending and self._ack_deadline is not None and now >= self._ack_deadline:
             self._ack_now = True
         if self._persist_deadline is not None and now >= self._persist_deadline:
@@ -568,6 +577,7 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
             "_hs_deadline",
             "_rto_deadline",
             "_loss_deadline",
+            "_tlp_deadline",
             "_ack_deadline",
             "_persist_deadline",
             "_close_deadline",

@@ -18,6 +18,7 @@ MAX_PN_GAP = 1 << 24
 #: packet, to repeat its final ACK should the peer have missed it; enough to
 #: hear at least three of the peer's (backed-off) retransmissions
 DRAIN_RTOS = 8
+MAX_TAIL_LOSS_PROBES = 2  # consecutive probes before leaving it to the RTO
 TIME_THRESHOLD = 9 / 8  # RFC 9002 kTimeThreshold
 U32 = 1 << 32
 

@@ -12,7 +12,13 @@ import heapq
 
 from vtl.core import wire
 from vtl.core.errors import WireError
-from vtl.core.records import PACKET_THRESHOLD, TIME_THRESHOLD, Segment, SentPacket
+from vtl.core.records import (
+    MAX_TAIL_LOSS_PROBES,
+    PACKET_THRESHOLD,
+    TIME_THRESHOLD,
+    Segment,
+    SentPacket,
+)
 from vtl.core.wire import AckFlags
 from vtl.tfs.congestion.base import RateSample
 
@@ -98,8 +104,10 @@ class RecoveryMixin:
         self._detect_losses(now)
         if acked:
             self._rto_deadline = now + self.rtt.rto() if self._bytes_in_flight else None
+            self._tlp_count = 0
         if not self._outstanding and not self._bytes_in_flight:
             self._rto_deadline = None
+        self._arm_tail_loss_probe()
         self._maybe_finished()
 
     def _segment_acked(self, seg: Segment, acked: list[SentPacket]) -> None:
@@ -210,3 +218,38 @@ class RecoveryMixin:
                 self._outstanding.pop(seq, None)
             self._advance_una()
         self._rto_deadline = now + self.rtt.rto() if self._outstanding else None
+        self._tlp_deadline = None
+
+    # ------------------------------------------------------ tail loss probe
+
+    def _probe_timeout(self) -> float:
+        """How long after the last data packet a silent path gets probed:
+        two smoothed RTTs plus the peer's ACK delay (RFC 9002 PTO)."""
+        return max(2 * self.rtt.smoothed, 0.002) + self.config.max_ack_delay
+
+    def _arm_tail_loss_probe(self) -> None:
+        """Without a probe, losing the last packets of a flight (or a lone
+        request) waits for the RTO, 200 ms at least; a probe 2 RTTs after the
+        last send makes the peer's ACK reveal the loss instead."""
+        if not self._outstanding or self._tlp_count >= MAX_TAIL_LOSS_PROBES:
+            self._tlp_deadline = None
+            return
+        if not self.reliability.reliable:
+            self._tlp_deadline = None
+            return
+        deadline = self._last_data_sent + self._probe_timeout()
+        rto = self._rto_deadline
+        self._tlp_deadline = deadline if rto is None or deadline < rto else None
+
+    def _on_tail_loss_probe(self, now: float) -> None:
+        """Resend the oldest unacknowledged segment, once, past cwnd and
+        pacer; nothing is declared lost and the window is left alone."""
+        if not self._outstanding:
+            return
+        self.stats["tail_loss_probes"] += 1
+        self._tlp_count += 1
+        seq = next(iter(self._outstanding))
+        if seq not in self._retx_set:
+            self._retx_set.add(seq)
+            heapq.heappush(self._retx_heap, seq)
+        self._tlp_pending = True

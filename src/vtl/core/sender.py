@@ -78,12 +78,17 @@ class SenderMixin:
             size_est = (
                 len(seg.payload) if seg is not None else len(self._unsent[0][0])
             ) + wire.DATA_OVERHEAD
-            if self._bytes_in_flight and self._bytes_in_flight + size_est > cc.congestion_window:
+            probe = self._tlp_pending
+            if (
+                not probe
+                and self._bytes_in_flight
+                and self._bytes_in_flight + size_est > cc.congestion_window
+            ):
                 if retransmit:
                     heapq.heappush(self._retx_heap, seq)
                     self._retx_set.add(seq)
                 break
-            if paced and self._pace_tokens < size_est:
+            if paced and not probe and self._pace_tokens < size_est:
                 if retransmit:
                     heapq.heappush(self._retx_heap, seq)
                     self._retx_set.add(seq)
@@ -102,9 +107,11 @@ class SenderMixin:
                     self._bytes_in_flight -= old.size
                 self.stats["retransmissions"] += 1
             out.append(self._emit_segment(seg, now))
+            self._tlp_pending = False
             if paced:
                 self._pace_tokens -= size_est
             budget -= 1
+        self._tlp_pending = False  # a probe is one packet, sent now or not at all
         if budget == 0 and self._pace_deadline is None and self._has_sendable():
             # stopped by max_burst_packets, not by cwnd/pacing: ask to be called again now
             self._pace_deadline = now
@@ -137,6 +144,8 @@ class SenderMixin:
         self.cc.on_packet_sent(packet=sp, now=now, bytes_in_flight=self._bytes_in_flight)
         if self._rto_deadline is None:
             self._rto_deadline = now + self.rtt.rto()
+        self._last_data_sent = now
+        self._arm_tail_loss_probe()
         self._count_sent(size, now)
         self.stats["data_packets_sent"] += 1
         return datagram
