@@ -28,6 +28,7 @@ import random
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -562,6 +563,11 @@ def cleanup_stale(prefix: str = DEFAULT_PREFIX, *, state_dir: Path = STATE_DIR) 
             if base not in live_bases and not _owner_alive(base, state_dir):
                 with contextlib.suppress(OSError):
                     f.unlink()
+        # Per-test-bed directories (``<base>.d``: emulator control sockets, logs).
+        for d in state_dir.glob(f"{prefix}*.d"):
+            base = d.name[: -len(".d")]
+            if d.is_dir() and base not in live_bases and not _owner_alive(base, state_dir):
+                shutil.rmtree(d, ignore_errors=True)
     if errors:
         raise TestbedError("could not delete stale namespaces:\n" + "\n".join(errors))
     return removed
