@@ -26,9 +26,7 @@ SYMBOL_PREFIX = 3  # u16 length + u8 flags in front of each source symbol
 MAX_BLOCK = 255  # source or repair packets per block (u8 on the wire)
 
 ADAPTIVE_PARAMS = {
-    "adaptive": Param(
-        bool, False, "adapt the redundancy to the loss rate the receiver reports"
-    ),
+    "adaptive": Param(bool, False, "adapt the redundancy to the loss rate the receiver reports"),
     "target": Param(
         float, 1e-3, "adaptive: wanted probability that a full block is unrecoverable", 1e-9, 0.5
     ),
@@ -85,9 +83,7 @@ def block_failure(n: int, m: int, p: float) -> float:
     """Probability that more than ``m`` of ``n + m`` packets are lost at
     independent loss rate ``p`` (an MDS block cannot be rebuilt)."""
     total = n + m
-    return sum(
-        math.comb(total, j) * p**j * (1 - p) ** (total - j) for j in range(m + 1, total + 1)
-    )
+    return sum(math.comb(total, j) * p**j * (1 - p) ** (total - j) for j in range(m + 1, total + 1))
 
 
 @lru_cache(maxsize=4096)

@@ -48,7 +48,9 @@ class ReedSolomonFec(Fec):
         k, m = self.params["k"], self.params["m"]
         if self.params["adaptive"] and loss is not None:
             lo = min(self.params["min_m"], self.params["max_m"])
-            m = needed_repairs(k, round(loss * 1000), self.params["target"], lo, self.params["max_m"])
+            m = needed_repairs(
+                k, round(loss * 1000), self.params["target"], lo, self.params["max_m"]
+            )
             if m == 0:
                 return 0
         return scaled(m, n, k) if n < k else m
