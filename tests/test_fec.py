@@ -265,6 +265,7 @@ def test_fec_state_replaceable_between_blocks() -> None:
                 conn._fec_install(tf, out, tr.net.now)
                 assert out == [] or conn is tr.conn_a
                 # a real switch sends these; here they are simply dropped
+
         return action
 
     r = run_transfer(
@@ -286,9 +287,9 @@ def established(comp: str) -> Transfer:
         [Composition.parse(comp)],
         close_a=None,
         close_b=None,
-        stop=lambda tr: tr.conn_b is not None
-        and tr.conn_a.is_established
-        and tr.conn_b.is_established,
+        stop=lambda tr: (
+            tr.conn_b is not None and tr.conn_a.is_established and tr.conn_b.is_established
+        ),
     )
     t.run()
     return t
@@ -355,3 +356,53 @@ def test_peer_without_fec_counter_offers_plain_selective_repeat() -> None:
     assert r.clean and r.b.data == data
     assert r.a.handshake.counter_offer and r.a.handshake.composition == plain
     assert "fec_repair_sent" not in r.a.stats
+
+
+class DropRepairs:
+    """Stands in front of an endpoint and drops every REPAIR packet."""
+
+    def __init__(self, endpoint) -> None:
+        self.endpoint = endpoint
+        self.dropped = 0
+
+    def receive(self, datagram: bytes, addr, now: float) -> None:
+        if datagram[1] == PacketType.REPAIR:
+            self.dropped += 1
+            return
+        self.endpoint.receive(datagram, addr, now)
+
+    def datagrams_to_send(self, now: float):
+        return self.endpoint.datagrams_to_send(now)
+
+    def next_timer(self):
+        return self.endpoint.next_timer()
+
+    def handle_timer(self, now: float) -> None:
+        self.endpoint.handle_timer(now)
+
+
+def test_lost_repairs_are_not_congestion() -> None:
+    """Every REPAIR is lost on an otherwise clean path: nothing is declared
+    lost, congestion control never backs off, and the flight drains."""
+    wrappers: list[DropRepairs] = []
+
+    def wrap(ep):
+        wrappers.append(DropRepairs(ep))
+        return wrappers[-1]
+
+    data = random.Random(13).randbytes(300_000)
+    t = Transfer(
+        [Composition.parse(RS)],
+        forward=LinkConditions(delay=0.01),
+        data_ab=data,
+        wrap_b=wrap,
+        close_b=None,
+        stop=lambda tr: len(tr.app_b.data) == len(data) and not tr.conn_a._outstanding,
+    )
+    r = t.run()
+    a = t.conn_a
+    assert r.completed and bytes(t.app_b.data) == data
+    assert wrappers[0].dropped == a.stats["fec_repair_sent"] > 0
+    assert a.stats["packets_lost"] == 0 and a.stats["retransmissions"] == 0
+    assert a.cc.ssthresh is None  # no congestion event
+    assert a._bytes_in_flight == 0 and a._rto_deadline is None

@@ -450,7 +450,8 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, FecM
         self.stats["bytes_received"] += size
         self._last_rx = now
         self._arm_keepalive(now)
-        self._fec_observe(pn)
+        if self._fec_loss is not None:
+            self._fec_loss.observe(pn)  # FEC: the peer's loss rate, for our ACKs
         if t is PacketType.DATA:
             fresh = self._on_data(p, now)
             self._note_ack_eliciting(pn, now, fresh)

@@ -258,6 +258,7 @@ class FecMixin:
         unprotected); REPAIRs in flight stay tracked until released."""
         if self.fec_tx is not None and out is not None:
             self._fec_emit(self.fec_tx.flush(), out, now)
+        # REPAIRs in flight stay tracked (_fec_flight) until released
         if tf is None or not tf.enabled:
             self.fec = self.fec_tx = self.fec_rx = self._fec_loss = None
             self._fec_deadline = None
@@ -267,7 +268,9 @@ class FecMixin:
         self.fec = tf
         self.fec_tx = BlockEncoder(tf, max_symbol)
         self.fec_tx.loss = loss
-        self.fec_rx = BlockDecoder(tf, max_symbol)
+        old_rx, self.fec_rx = self.fec_rx, BlockDecoder(tf, max_symbol)
+        if old_rx is not None:
+            self.fec_rx.unrecoverable = old_rx.unrecoverable
         self._fec_loss = self._fec_loss or LossMeter()
         if self._fec_flight is None:
             self._fec_flight = deque()
@@ -359,8 +362,10 @@ class FecMixin:
         got = self._fec_cover.get(sp.seq)
         if got is None or got[0] != sp.pn:
             return None
-        if got[1] is None:  # its block is still open
+        if got[1] is None:  # its block is still open (or was dropped unprotected)
             enc = self.fec_tx
+            if not enc.symbols or not enc.first <= sp.seq < enc.first + len(enc.symbols):
+                return None
             until = enc.started + self._fec_max_age() + delay
         elif got[1] > largest:
             until = got[2] + delay
@@ -375,10 +380,6 @@ class FecMixin:
         return 0.25 * self.rtt.smoothed
 
     # ---------------------------------------------------------- receiver
-
-    def _fec_observe(self, pn: int) -> None:
-        if self._fec_loss is not None:
-            self._fec_loss.observe(pn)
 
     def _fec_note(self, seq: int, flags: int, payload: bytes) -> None:
         """A fresh DATA packet was taken in."""

@@ -92,7 +92,7 @@ class RecoveryMixin:
             if sp is not None:
                 self.rtt.on_sample(now - sp.sent_time, frame.ack_delay_us / 1e6)
                 self.cc.on_rtt_measurement(rtt=self.rtt, now=now)
-        if self.fec is not None:
+        if self._fec_flight is not None:
             self._fec_on_ack(p)  # REPAIRs leave the flight, not as losses
         if acked:
             rate = self._rate_sample(acked, now)
