@@ -172,23 +172,27 @@ class BlockDecoder:
         elif (block.n, block.m, block.size) != (n, m, size):
             raise WireError("REPAIR contradicts its block's earlier repairs")
         block.repairs[frame.index] = frame.symbol
-        have: dict[int, bytes] = {}
+        cache = self.cache
         missing = 0
+        for seq in range(first, first + n):
+            if seq not in cache:
+                if received(seq):
+                    return [], False  # arrived long ago and forgotten: block done
+                missing += 1
+        if not missing:
+            del self.blocks[first]
+            return [], False
+        if missing > len(block.repairs):
+            block.short = True
+            return [], True
+        have: dict[int, bytes] = {}
         for i in range(n):
-            seq = first + i
-            got = self.cache.get(seq)
+            got = cache.get(first + i)
             if got is not None:
                 sym = source_symbol(*got)
                 if len(sym) > size:
                     raise WireError("REPAIR shorter than a DATA packet of its block")
                 have[i] = sym.ljust(size, b"\0")
-            elif received(seq):
-                return [], False  # arrived long ago and forgotten: block done
-            else:
-                missing += 1
-        if not missing:
-            del self.blocks[first]
-            return [], False
         rebuilt = fec.decode(n, m, have, block.repairs)
         if rebuilt is None:
             block.short = True
