@@ -22,7 +22,9 @@ def _decoder(n: int, total: int) -> zfec.Decoder:
 
 
 class ReedSolomonFec(Fec):
-    """An MDS code: any k of the k+m packets of a block rebuild the block,
+    """Reed-Solomon (zfec): m repairs per k DATA packets rebuild any m losses.
+
+    An MDS code: any k of the k+m packets of a block rebuild the block,
     so it repairs up to m losses per block, bursts included.  Uses zfec (a
     maintained Reed-Solomon library over GF(2^8), systematic, so DATA packets
     travel unchanged).  Adaptive mode picks m in [min_m, max_m] from the loss

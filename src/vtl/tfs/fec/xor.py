@@ -18,10 +18,12 @@ def xor_symbols(symbols: list[bytes]) -> bytes:
 
 
 class XorFec(Fec):
-    """Block parity: the XOR of k DATA packets rebuilds any single one of
-    them.  Cheap (no library, one XOR per byte) and enough against sparse
-    random loss; adaptive mode shrinks k as the reported loss grows, since
-    one parity repairs only one loss per block."""
+    """XOR parity: one repair per k DATA packets rebuilds one loss per block.
+
+    The XOR of k DATA packets rebuilds any single one of them.  Cheap (no
+    library, one XOR per byte) and enough against sparse random loss;
+    adaptive mode shrinks k as the reported loss grows, since one parity
+    repairs only one loss per block."""
 
     NAME: ClassVar[str] = "xor"
     VERSION: ClassVar[str] = "1.0"
