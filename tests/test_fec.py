@@ -406,3 +406,28 @@ def test_lost_repairs_are_not_congestion() -> None:
     assert a.stats["packets_lost"] == 0 and a.stats["retransmissions"] == 0
     assert a.cc.ssthresh is None  # no congestion event
     assert a._bytes_in_flight == 0 and a._rto_deadline is None
+
+
+def test_fec_added_to_a_running_connection_protects_small_messages() -> None:
+    """A connection negotiated without FEC gets an encoder/decoder later
+    (as a reconfiguration would): its small messages are protected, full
+    segments (no room for the symbol prefix) are sent unprotected."""
+    st: dict = {}
+
+    def check_install(tr: Transfer) -> None:
+        if not st and tr.conn_b is not None and tr.conn_b.is_established:
+            for conn in (tr.conn_a, tr.conn_b):
+                conn._fec_install(ReedSolomonFec({"k": 8, "m": 2}))
+            st["done"] = True
+
+    data = random.Random(14).randbytes(100_000)
+    t = Transfer(
+        [Composition.parse(SR + " framing=message")],
+        forward=LinkConditions(delay=0.01, loss=0.05),
+        data_ab=[data[i : i + 500] for i in range(0, len(data), 500)],
+        check=check_install,
+        seed=6,
+    )
+    r = t.run()
+    assert r.clean and b"".join(r.b.messages) == data
+    assert r.a.stats["fec_repair_sent"] > 0 and r.b.stats["fec_recovered"] > 0

@@ -243,6 +243,7 @@ class FecMixin:
     #: seq -> (pn of its first sending, last REPAIR pn of its block or None
     #: while open, when that REPAIR left)
     _fec_cover: dict | None = None
+    _fec_reserved = False  # DATA payloads leave room for the symbol prefix
 
     # ------------------------------------------------------------ set up
 
@@ -252,8 +253,7 @@ class FecMixin:
         if tf is None or not tf.enabled:
             return
         self._max_payload -= SYMBOL_PREFIX
-        for key in FEC_STATS:
-            self.stats.setdefault(key, 0)
+        self._fec_reserved = True
         self._fec_install(tf)
 
     def _fec_install(self, tf: Fec | None, out: list[bytes] | None = None, now: float = 0.0):
@@ -267,7 +267,11 @@ class FecMixin:
             self.fec = self.fec_tx = self.fec_rx = self._fec_loss = None
             self._fec_deadline = None
             return
-        max_symbol = self._max_payload + SYMBOL_PREFIX
+        for key in FEC_STATS:
+            self.stats.setdefault(key, 0)
+        # a REPAIR fits the datagram of a full DATA packet: the symbol of a
+        # DATA payload that did not leave room for the prefix is too long
+        max_symbol = self._max_payload + (SYMBOL_PREFIX if self._fec_reserved else 0)
         loss = self.fec_tx.loss if self.fec_tx is not None else None
         self.fec = tf
         self.fec_tx = BlockEncoder(tf, max_symbol)
