@@ -27,6 +27,7 @@ DEFAULTS: dict[str, str] = {
     "ordering": "ordered",
     "flow": "window",
     "framing": "stream",
+    "fec": "none",
 }
 
 

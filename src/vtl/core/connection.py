@@ -41,6 +41,7 @@ from vtl.core.events import (
     DataReceived,
     Event,
 )
+from vtl.core.fec import FecMixin
 from vtl.core.handshake import HandshakeMixin
 from vtl.core.ranges import RangeSet
 from vtl.core.receiver import ReceiverMixin
@@ -63,7 +64,7 @@ from vtl.core.wire import AckFlags, DataFlags, HsField, PacketType
 from vtl.tfs.congestion.base import CongestionControl
 
 
-class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
+class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, FecMixin):
     """One VTL connection (either end), driven without I/O."""
 
     def __init__(
@@ -320,6 +321,7 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
             self._persist_deadline,
             self._close_deadline,
             self._keepalive_deadline,
+            self._fec_deadline,
         ]
         if self._pace_deadline is not None and self._has_sendable():
             cands.append(self._pace_deadline)
@@ -448,6 +450,8 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
         self.stats["bytes_received"] += size
         self._last_rx = now
         self._arm_keepalive(now)
+        if self._fec_loss is not None:
+            self._fec_loss.observe(pn)  # FEC: the peer's loss rate, for our ACKs
         if t is PacketType.DATA:
             fresh = self._on_data(p, now)
             self._note_ack_eliciting(pn, now, fresh)
@@ -456,6 +460,8 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
         elif t is PacketType.CLOSE:
             fresh = self._on_close(p)
             self._note_ack_eliciting(pn, now, fresh)
+        elif t is PacketType.REPAIR:
+            self._on_repair(p, pn, now)
         else:  # PROBE
             self._note_ack_eliciting(pn, now, True)
             self._ack_now = True
@@ -502,6 +508,8 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
         ):
             self._send_ack(out, now)
         self._send_data(out, now)
+        if self.fec_tx is not None:
+            self._fec_flush(out, now)
         if self._close_requested and not self._unsent and self._close_final is None:
             self._close_final = self._snd_nxt
             self._close_due = True

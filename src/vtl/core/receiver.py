@@ -52,6 +52,8 @@ class ReceiverMixin:
             self._ack_now = True
             return False
         flags = p.flags
+        if self.fec_rx is not None:
+            self._fec_note(seq, flags, payload)
         if seq == rcv_next:
             self._rcv_next = seq + 1
             if self.framing.messages and not self.ordering.ordered:
@@ -265,7 +267,13 @@ class ReceiverMixin:
         pn = self._next_pn
         self._next_pn += 1
         datagram = wire.encode(
-            PacketType.ACK, self.peer_cid, self.local_cid, pn, wire.encode_ack(frame), flags
+            PacketType.ACK,
+            self.peer_cid,
+            self.local_cid,
+            pn,
+            wire.encode_ack(frame),
+            flags,
+            self._fec_ack_options() if self.fec is not None else None,
         )
         out.append(datagram)
         self._count_sent(len(datagram), now)

@@ -92,6 +92,8 @@ class RecoveryMixin:
             if sp is not None:
                 self.rtt.on_sample(now - sp.sent_time, frame.ack_delay_us / 1e6)
                 self.cc.on_rtt_measurement(rtt=self.rtt, now=now)
+        if self._fec_flight is not None:
+            self._fec_on_ack(p)  # REPAIRs leave the flight, not as losses
         if acked:
             rate = self._rate_sample(acked, now)
             self.cc.on_packets_acked(
@@ -163,7 +165,10 @@ class RecoveryMixin:
             if pn >= largest:
                 break
             sp = sent[pn]
-            if pn <= largest - PACKET_THRESHOLD or sp.sent_time + delay <= now:
+            due = pn <= largest - PACKET_THRESHOLD or sp.sent_time + delay <= now
+            # FEC: a loss the peer may still rebuild is not declared yet
+            hold = self._fec_hold(sp, largest, now, delay) if due and self.fec_tx else None
+            if due and hold is None:
                 del sent[pn]
                 if sp.seq < 0:
                     continue
@@ -174,7 +179,7 @@ class RecoveryMixin:
                 if seg is not None and seg.pn == pn:
                     lost_seqs.append(sp.seq)
             else:
-                self._loss_deadline = sp.sent_time + delay
+                self._loss_deadline = hold if hold is not None else sp.sent_time + delay
                 break
         if lost_packets:
             self.stats["packets_lost"] += len(lost_packets)

@@ -107,6 +107,8 @@ class SenderMixin:
                     self._bytes_in_flight -= old.size
                 self.stats["retransmissions"] += 1
             out.append(self._emit_segment(seg, now))
+            if self.fec_tx is not None:
+                self._fec_on_emit(seg, retransmit, out, now)
             self._tlp_pending = False
             if paced:
                 self._pace_tokens -= size_est

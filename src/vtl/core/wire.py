@@ -35,6 +35,7 @@ DATA_OVERHEAD = OVERHEAD + DATA_PREFIX.size  # framing of one DATA packet (40 by
 ACK_FIXED = struct.Struct("!IIIIB")  # cum, window limit, largest pn, ack delay us, nranges
 ACK_RANGE = struct.Struct("!II")  # start, end (exclusive)
 ACK_MAX_RANGES = 32
+REPAIR_FIXED = struct.Struct("!IBBBB")  # first seq, n source, m repair, index, scheme
 CLOSE_BODY = struct.Struct("!II")  # final seq (exclusive), sender's una
 ERROR_FIXED = struct.Struct("!HH")  # code, reason length
 HS_TLV = struct.Struct("!HH")  # handshake body TLV: type, length
@@ -54,6 +55,7 @@ class PacketType(IntEnum):
     CLOSE = 7
     RESET = 8
     PROBE = 9
+    REPAIR = 10  # FEC repair symbol over a block of DATA packets
 
 
 class DataFlags:
@@ -82,6 +84,7 @@ class OptionType(IntEnum):
 
     PADDING = 0x01
     TIMESTAMP = 0x02  # u64 microseconds, echoed for diagnostics
+    FEC_LOSS = 0x03  # u16 on ACK: loss rate the receiver measures, in 1/65535
     CHECKSUM_COVERAGE = 0x81  # u16: CRC covers header + first N body bytes
 
 
@@ -298,6 +301,34 @@ def decode_data(body: bytes) -> tuple[int, int, bytes]:
         raise WireError("DATA body too short")
     seq, una = DATA_PREFIX.unpack_from(body, 0)
     return seq, una, body[DATA_PREFIX.size :]
+
+
+@dataclass(slots=True)
+class RepairFrame:
+    """Body of a REPAIR packet (see docs/wire-format.md)."""
+
+    first_seq: int  # truncated sequence number of the block's first DATA packet
+    n: int  # DATA packets in the block (1..255)
+    m: int  # repair packets of the block (1..255)
+    index: int  # this repair's index, 0..m-1
+    scheme: int  # 1 XOR, 2 Reed-Solomon
+    symbol: bytes  # repair symbol, as long as the block's longest source symbol
+
+
+def encode_repair(frame: RepairFrame) -> bytes:
+    return (
+        REPAIR_FIXED.pack(frame.first_seq % U32, frame.n, frame.m, frame.index, frame.scheme)
+        + frame.symbol
+    )
+
+
+def decode_repair(body: bytes) -> RepairFrame:
+    if len(body) < REPAIR_FIXED.size + 3:
+        raise WireError("REPAIR body too short")
+    first, n, m, index, scheme = REPAIR_FIXED.unpack_from(body, 0)
+    if n == 0 or m == 0 or index >= m or n + m > 256:
+        raise WireError("REPAIR block geometry out of range")
+    return RepairFrame(first, n, m, index, scheme, body[REPAIR_FIXED.size :])
 
 
 def encode_close(final_seq: int, una: int) -> bytes:

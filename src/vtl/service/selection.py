@@ -96,6 +96,11 @@ _RECOVERY_TEXT = {
 }
 
 
+#: roles no transport property asks for (FEC trades capacity for latency
+#: under loss): selection keeps their default; a composition names them
+EXPLICIT_ONLY_ROLES = ("fec",)
+
+
 def tf_traits(cls: type) -> dict[str, Any]:
     """The service-relevant traits of one TF class (see :data:`TRAIT_KEYS`)."""
     return dict(_tf_traits(cls))
@@ -558,6 +563,8 @@ class Selector:
         per_role: list[list[str]] = []
         for role in ROLES:
             names = sorted(inventory.get(role, {}))
+            if role in EXPLICIT_ONLY_ROLES and DEFAULTS[role] in names:
+                names = [DEFAULTS[role]]
             if not names:
                 raise SelectionError(
                     f"no transport function is installed for the {role!r} role, "
