@@ -112,6 +112,8 @@ async def server(args: Any) -> int:
             vtl=_conn_stats(conn),
             error_code=conn.error_code,
         )
+        # graceful: stay to re-ACK a client that missed our final ACK (draining)
+        await ep.close(graceful=True)
         return finish(result, cpu0)
     finally:
         await ep.close()

@@ -138,6 +138,7 @@ async def _recv(args: argparse.Namespace, offers) -> None:
             record = await _receive_one(conn, args.output)
             stream = sys.stderr if to_stdout or not args.json else sys.stdout
             emit(record, args.json, _human("received", record), stream)
+        await ep.close(graceful=True)  # lets the last connection drain
     finally:
         ep.close()
 

@@ -222,6 +222,12 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, FecM
         return self.state is State.TERMINATED
 
     @property
+    def is_draining(self) -> bool:
+        """Closed cleanly but still answering a peer that may have missed the
+        final ACK (TCP's TIME-WAIT); the socket should outlive this."""
+        return self.state is State.TERMINATED and self._drain_deadline is not None
+
+    @property
     def send_buffer_bytes(self) -> int:
         """Bytes accepted by send() and not yet acknowledged (for backpressure)."""
         return self._unsent_bytes + len(self._outstanding) * self._max_payload

@@ -219,7 +219,12 @@ class UdpEndpoint:
     async def _close_when_done(self, timeout: float) -> None:
         conns = self._core.connections.values()
         deadline = self._loop.time() + timeout
-        while any(not c.is_terminated for c in conns) and self._loop.time() < deadline:
+        # wait for draining connections too: closing the socket under them would
+        # leave a peer that missed our final ACK retrying until its idle timeout
+        while (
+            any(not c.is_terminated or c.is_draining for c in conns)
+            and self._loop.time() < deadline
+        ):
             await asyncio.sleep(0.01)
         self._shutdown()
 
