@@ -70,8 +70,12 @@ def write_wheel(
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr(f"{dist}/__init__.py", "from .cc import *  # noqa\n")
         zf.writestr(f"{dist}/cc.py", cc_source(name, version, marker))
-        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(
+            f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n"
+        )
+        zf.writestr(
+            f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
         zf.writestr(f"{info}/entry_points.txt", f"[vtl.tfs]\n{name} = {dist}.cc:{cls}\n")
         zf.writestr(f"{info}/RECORD", "")
     return path

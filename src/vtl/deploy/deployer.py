@@ -214,12 +214,14 @@ class Deployer:
     # -------------------------------------------------------------- query
 
     def find(self, ref: str) -> Deployment:
-        """A deployment by id (prefix), ``name`` or ``name@version``."""
+        """A deployment by id (digest prefix), ``name[@version]`` of the
+        package or ``name[@version]`` of a TF it provides."""
         name, _, version = ref.partition("@")
         hits = [
             d for d in self.deployments.values()
             if (len(ref) >= 4 and d.digest.startswith(ref.lower()))
             or (d.name == name and (not version or d.version == version))
+            or any(c.NAME == name and (not version or c.VERSION == version) for c in d.tfs)
         ]  # fmt: skip
         if not hits:
             raise DeployError(f"no deployed package {ref!r}; deployed: {sorted(self.deployments)}")
