@@ -221,7 +221,7 @@ class Deployer:
             d for d in self.deployments.values()
             if (len(ref) >= 4 and d.digest.startswith(ref.lower()))
             or (d.name == name and (not version or d.version == version))
-            or any(c.NAME == name and (not version or c.VERSION == version) for c in d.tfs)
+            or any(name == c.NAME and (not version or version == c.VERSION) for c in d.tfs)
         ]  # fmt: skip
         if not hits:
             raise DeployError(f"no deployed package {ref!r}; deployed: {sorted(self.deployments)}")
