@@ -23,6 +23,7 @@ import configparser
 import importlib
 import io
 import json
+import linecache
 import shutil
 import sys
 import tempfile
@@ -99,13 +100,15 @@ def _load_module(data: bytes, digest: str, filename: str) -> LoadedPackage:
         raise DeployError(f"{filename}: module name {stem!r} is not a Python identifier")
     prefix = module_prefix(digest)
     name = f"{prefix}_{stem}"
+    where = f"<vtl-tf {filename} {digest[:12]}>"  # tracebacks name the package
     try:
         source = data.decode("utf-8")
-        code = compile(source, filename, "exec")
+        code = compile(source, where, "exec")
     except (UnicodeDecodeError, SyntaxError, ValueError) as exc:
         raise DeployError(f"{filename}: not valid Python: {exc}") from None
+    linecache.cache[where] = (len(source), None, source.splitlines(True), where)
     module = types.ModuleType(name)
-    module.__file__ = filename
+    module.__file__ = where
     sys.modules[name] = module  # dataclasses and pickling look the module up
     try:
         exec(code, module.__dict__)  # noqa: S102 - verified package code
