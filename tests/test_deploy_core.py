@@ -22,6 +22,7 @@ from vtl.deploy import Deployer, DeployError, InUseError, TrustError, TrustPolic
 from vtl.deploy.trust import sha256_hex
 from vtl.sim.harness import run_transfer
 from vtl.tfs.congestion.newreno import NewReno
+from vtl.tfs.reliability.selective_repeat import SelectiveRepeat
 
 
 def fresh_registry(*extra: type) -> Registry:
@@ -399,3 +400,52 @@ def test_other_connections_unaffected_in_sim_endpoint() -> None:
     healthy = [c for c in got if c.composition["congestion"].name == "newreno"][0]
     assert healthy.received == data
     assert client.stats()["tf_failures"] == 1
+
+
+class FlakyWindow(SelectiveRepeat):
+    """raises from a property the engine reads when computing timers"""
+
+    NAME: ClassVar[str] = "flaky-window"
+    broken = False
+
+    @property
+    def window(self) -> int:
+        if self.broken:
+            raise ValueError("window went negative")
+        return 64
+
+
+def test_raising_tf_property_in_next_timer() -> None:
+    reg = fresh_registry(FlakyWindow)
+    server = EndpointCore(ConnectionConfig(registry=reg), listen=True)
+    client = EndpointCore(ConnectionConfig(registry=reg))
+    conn = client.connect(("s", 1), [Composition.parse("reliability=flaky-window")], 0.0)
+    now = pump(client, server, 0.0)
+    assert conn.is_established
+    conn.send(b"q" * 100_000)
+    conn._pace_deadline = now + 0.01  # the pacer holds data back: next_timer asks the TF
+    conn.reliability.broken = True
+    when = client.next_timer()  # must not raise
+    assert conn.is_terminated and "reliability 'flaky-window'" in conn.tf_failure
+    assert when is not None and when <= now  # due now, so the owner sends the RESET
+    pump(client, server, now)
+    assert all(c.is_terminated for c in server.connections.values())
+    assert client.stats()["tf_failures"] == 1
+
+
+def test_zip_with_vtl_tf_manifest(tmp_path: Path) -> None:
+    import zipfile
+
+    from deploy_helpers import cc_source
+
+    path = tmp_path / "zipcc.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("zipcc/__init__.py", "")
+        zf.writestr("zipcc/impl.py", cc_source("zipcc", "0.3"))
+        zf.writestr("vtl-tf.json", json.dumps({"name": "zipcc", "version": "0.3",
+                                               "tfs": ["zipcc.impl:ZipccCC"]}))  # fmt: skip
+    core, dep = make_deployer(tmp_path, sha256_hex(path.read_bytes()))
+    d = dep.deploy(path)
+    assert (d.name, d.version, d.tf_names()) == ("zipcc", "0.3", ["congestion=zipcc@0.3"])
+    dep.remove("zipcc@0.3")
+    assert not dep.registry.has("congestion", "zipcc")

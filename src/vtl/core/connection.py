@@ -310,6 +310,13 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
 
     def next_timer(self) -> float | None:
         """Absolute time of the earliest timer, or None."""
+        try:
+            return self._next_timer()
+        except Exception as exc:  # a TF property raised: fail this connection only
+            self._tf_failed(exc, "timer")
+            return self._last_rx  # due now: the owner runs timers and sends the RESET
+
+    def _next_timer(self) -> float | None:
         if self.state is State.TERMINATED:
             return self._drain_deadline
         cands = [
