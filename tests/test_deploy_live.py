@@ -21,7 +21,7 @@ import pytest
 from deploy_helpers import write_module, write_wheel
 from vtl.core.composition import Composition
 from vtl.core.errors import ErrorCode
-from vtl.deploy import InUseError, TrustError, TrustPolicy, keygen, sign
+from vtl.deploy import DeployError, InUseError, TrustError, TrustPolicy, keygen, sign
 from vtl.io import ConnectionClosedError, PeerResetError, UdpEndpoint, VtlConnection
 
 NEWRENO = Composition.parse("congestion=newreno")
@@ -441,6 +441,24 @@ async def test_deploy_time_module_and_wheel(tmp_path: Path, keys: dict) -> None:
             print(f"deploy {path.name}: " + " ".join(f"{k}={v:.2f}ms" for k, v in t.items()))
             assert t["total"] >= t["verify"] + t["load"] > 0
             assert t["total"] < 5000
+    finally:
+        ep.deployer.close()
+        ep.close()
+
+
+async def test_control_socket_refuses_to_clobber(tmp_path: Path, keys: dict) -> None:
+    ep = await UdpEndpoint.create(("127.0.0.1", 0))
+    try:
+        precious = tmp_path / "notes.txt"
+        precious.write_text("keep me")
+        with pytest.raises(DeployError, match="not a socket"):
+            await ep.serve_control(str(precious), keys["trust"])
+        assert precious.read_text() == "keep me"
+        sock = str(tmp_path / "c.sock")
+        first = await ep.serve_control(sock)
+        with pytest.raises(DeployError, match="in use"):
+            await ep.serve_control(sock)
+        await first.close()
     finally:
         ep.deployer.close()
         ep.close()

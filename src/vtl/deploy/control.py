@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -87,9 +88,11 @@ class ControlServer:
 
     async def start(self) -> ControlServer:
         if self.path.exists():
+            if not stat.S_ISSOCK(self.path.stat().st_mode):
+                raise DeployError(f"{self.path} exists and is not a socket")
             if _alive(self.path):
                 raise DeployError(f"control socket {self.path} is in use")
-            self.path.unlink()
+            self.path.unlink()  # left behind by an endpoint that died
         old = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_LINE)
