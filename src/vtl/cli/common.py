@@ -54,6 +54,8 @@ def add_service_arguments(p: argparse.ArgumentParser) -> None:
 def offers_from_args(args: argparse.Namespace) -> tuple[list[Composition], str]:
     """The compositions to offer, and a one-line explanation of the choice."""
     if args.composition:
+        if getattr(args, "deploy", None):  # TFs deployed at start: checked after that
+            return [Composition.parse(c) for c in args.composition], "given explicitly"
         return [Composition.parse(c).validate() for c in args.composition], "given explicitly"
     from vtl.service import selection
     from vtl.service.properties import TransportProperties

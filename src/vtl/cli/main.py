@@ -10,7 +10,7 @@ from vtl import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vtl.cli import bench, demo, testbed, tfs, transfer
+    from vtl.cli import bench, demo, testbed, tf, tfs, transfer
 
     p = argparse.ArgumentParser(
         prog="vtl", description="VTL, the Virtual Transport Layer: transport as a service."
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     transfer.add_parsers(sub)
     tfs.add_parser(sub)
+    tf.add_parser(sub)
     demo.add_parser(sub)
     bench.add_parser(sub)
     testbed.add_parser(sub)

@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any
 
+from vtl.cli import tf
 from vtl.cli.common import add_service_arguments, emit, fail, offers_from_args, parse_address
 from vtl.core.config import ConnectionConfig
 from vtl.core.errors import VtlError
@@ -28,6 +29,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="handshake timeout (s)")
     p.add_argument("--json", action="store_true", help="print one JSON record")
     add_service_arguments(p)
+    tf.add_control_arguments(p)
     p.set_defaults(func=run_send)
 
     r = sub.add_parser("recv", help="receive files sent with 'vtl send'")
@@ -36,6 +38,7 @@ def add_parsers(sub) -> None:
     r.add_argument("--count", type=int, default=1, help="transfers to accept (0 = forever)")
     r.add_argument("--json", action="store_true", help="print one JSON record per transfer")
     add_service_arguments(r)
+    tf.add_control_arguments(r)
     r.set_defaults(func=run_recv)
 
 
@@ -63,7 +66,11 @@ async def _send(args: argparse.Namespace, offers) -> dict[str, Any]:
     host = args.peer[0]
     bind = args.bind or (("::" if ":" in host else "0.0.0.0"), 0)
     ep = await UdpEndpoint.create(bind, config=_config(args))
+    control = None
     try:
+        control = await tf.start_control(ep, args)
+        for offer in offers:
+            offer.validate(ep.core.config.registry)
         start = time.monotonic()
         conn = await ep.connect(args.peer, offers, timeout=args.timeout)
         ready = time.monotonic()
@@ -104,6 +111,8 @@ async def _send(args: argparse.Namespace, offers) -> dict[str, Any]:
             "srtt_ms": (stats.get("srtt") or 0) * 1000,
         }
     finally:
+        if control is not None:
+            await control.close()
         ep.close()
 
 
@@ -127,6 +136,11 @@ async def _recv(args: argparse.Namespace, offers) -> None:
     cfg = _config(args)
     cfg.counter_offers = list(offers)
     ep = await UdpEndpoint.create(args.listen, config=cfg, listen=True)
+    try:
+        control = await tf.start_control(ep, args)
+    except BaseException:
+        ep.close()
+        raise
     sys.stderr.write(f"vtl recv: listening on {ep.local_address}\n")
     sys.stderr.flush()
     done = 0
@@ -140,6 +154,8 @@ async def _recv(args: argparse.Namespace, offers) -> None:
             emit(record, args.json, _human("received", record), stream)
         await ep.close(graceful=True)  # lets the last connection drain
     finally:
+        if control is not None:
+            await control.close()
         ep.close()
 
 

@@ -26,7 +26,7 @@ import secrets
 from collections import OrderedDict, deque
 from typing import Any
 
-from vtl.core import wire
+from vtl.core import isolation, wire
 from vtl.core.composition import Composition
 from vtl.core.config import ConnectionConfig
 from vtl.core.errors import (
@@ -107,6 +107,7 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, FecM
             "segments_abandoned": 0,
             "app_bytes_sent": 0,
             "app_bytes_delivered": 0,
+            "tf_failures": 0,
         }
         self._events: deque[Any] = deque()
         self._max_payload = cfg.max_datagram_size - wire.DATA_OVERHEAD
@@ -316,6 +317,13 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, FecM
 
     def next_timer(self) -> float | None:
         """Absolute time of the earliest timer, or None."""
+        try:
+            return self._next_timer()
+        except Exception as exc:  # a TF property raised: fail this connection only
+            self._tf_failed(exc, "timer")
+            return self._last_rx  # due now: the owner runs timers and sends the RESET
+
+    def _next_timer(self) -> float | None:
         if self.state is State.TERMINATED:
             return self._drain_deadline
         cands = [
@@ -338,6 +346,12 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, FecM
 
     def handle_timer(self, now: float) -> None:
         """Run every timer that is due at ``now``."""
+        try:
+            self._handle_timer(now)
+        except Exception as exc:  # a raising TF fails this connection only
+            self._tf_failed(exc, "timer")
+
+    def _handle_timer(self, now: float) -> None:
         if self.state is State.TERMINATED:
             if self._drain_deadline is not None and now >= self._drain_deadline:
                 self._drain_deadline = None
@@ -409,6 +423,8 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, FecM
             if self.state is State.OFFERING:
                 self._reset_out = (ErrorCode.PROTOCOL_VIOLATION, str(exc))
                 self._handshake_failed(ErrorCode.PROTOCOL_VIOLATION, str(exc))
+        except Exception as exc:  # a raising TF fails this connection only
+            self._tf_failed(exc, "receive")
 
     def _receive(self, p: wire.Packet, size: int, now: float) -> None:
         state = self.state
@@ -495,6 +511,15 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, FecM
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
         """Everything this connection wants on the wire now."""
+        try:
+            return self._datagrams_to_send(now)
+        except Exception as exc:  # a raising TF fails this connection only
+            self._tf_failed(exc, "send")
+            out: list[bytes] = []
+            self._flush_terminal(out)  # the RESET telling the peer why
+            return out
+
+    def _datagrams_to_send(self, now: float) -> list[bytes]:
         out: list[bytes] = []
         state = self.state
         if state is State.TERMINATED:
@@ -555,6 +580,27 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, FecM
             self._keepalive_deadline = now + self.config.keepalive_interval
 
     # ========================================================= lifecycle
+
+    def _tf_failed(self, exc: Exception, where: str) -> None:
+        """Isolate a TF that raised: RESET the peer with TF_FAILURE and end
+        this connection.  An exception raised by no TF is an engine bug and
+        propagates unchanged."""
+        found = isolation.culprit(exc)
+        if found is None:
+            raise exc
+        reason = isolation.describe(exc, *found, where)
+        self.stats["tf_failures"] += 1
+        self.tf_failure = reason
+        if self.state is State.TERMINATED:
+            return
+        if self.state in (State.OFFERING, State.ACCEPTING):
+            self._reset_out = (ErrorCode.TF_FAILURE, reason)
+            self._handshake_failed(ErrorCode.TF_FAILURE, reason)
+        else:
+            self.abort(ErrorCode.TF_FAILURE, reason)
+
+    #: why a TF failed this connection (None: it did not)
+    tf_failure: str | None = None
 
     def _only_close_unconfirmed(self) -> bool:
         """We delivered the peer's end of stream and it acknowledged all our

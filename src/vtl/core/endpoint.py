@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from typing import Any
 
-from vtl.core import wire
+from vtl.core import isolation, wire
 from vtl.core.composition import Composition
 from vtl.core.config import ConnectionConfig
 from vtl.core.connection import Connection, State
@@ -44,6 +44,8 @@ class EndpointCore:
         self._reset_time = 0.0
         self.drops: Counter[str] = Counter()
         self.received = 0
+        #: connections failed because a TF raised (see core/isolation.py)
+        self.tf_failures = 0
 
     # ----------------------------------------------------------- app side
 
@@ -130,6 +132,14 @@ class EndpointCore:
             self.drops["malformed_offer"] += 1
             self._stateless_reset(packet, addr, now, ErrorCode.PROTOCOL_VIOLATION, str(exc))
             return
+        except Exception as exc:  # a TF raised while being set up: refuse this one only
+            found = isolation.culprit(exc)
+            if found is None:
+                raise
+            self.tf_failures += 1
+            reason = isolation.describe(exc, *found, "handshake")
+            self._stateless_reset(packet, addr, now, ErrorCode.TF_FAILURE, reason)
+            return
         self.connections[conn.local_cid] = conn
         self.addresses[conn.local_cid] = addr
         self._handshakes[key] = conn
@@ -189,6 +199,7 @@ class EndpointCore:
 
     def _forget(self, cid: int) -> None:
         conn = self.connections.pop(cid)
+        self.tf_failures += conn.stats.get("tf_failures", 0)
         addr = self.addresses.pop(cid)
         self._handshakes.pop((addr, conn.peer_cid), None)
         for key, c in list(self._handshakes.items()):
@@ -212,4 +223,6 @@ class EndpointCore:
             "connections": len(self.connections),
             "datagrams_received": self.received,
             "drops": dict(self.drops),
+            "tf_failures": self.tf_failures
+            + sum(c.stats.get("tf_failures", 0) for c in self.connections.values()),
         }

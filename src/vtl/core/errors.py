@@ -48,3 +48,4 @@ class ErrorCode(IntEnum):
     ENDPOINT_CLOSING = 9
     UNKNOWN_CONNECTION = 10
     NOT_LISTENING = 11
+    TF_REMOVED = 20  # an operator force-removed a deployed TF this connection used

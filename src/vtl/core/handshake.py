@@ -11,7 +11,7 @@ connection's state, declared in ``Connection.__init__``."""
 
 from __future__ import annotations
 
-from vtl.core import wire
+from vtl.core import negotiation, wire
 from vtl.core.composition import Composition
 from vtl.core.errors import CompositionError, ConnectionStateError, ErrorCode, WireError
 from vtl.core.events import HandshakeCompleted, HandshakeFailed
@@ -55,13 +55,18 @@ class HandshakeMixin:
             if self.config.acceptable is not None and not self.config.acceptable(comp):
                 reasons.append(f"offer {i}: not acceptable to this responder")
                 continue
+            comp, why = negotiation.pin_versions(comp, self.registry, inventory)
+            if comp is None:
+                reasons.append(f"offer {i}: {why}")
+                continue
             chosen, index = comp, i
             break
         if chosen is None:
             for comp in self.config.counter_offers:
                 if not comp.satisfiable_by(inventory):
-                    chosen = comp
-                    break
+                    chosen = negotiation.pin_versions(comp, self.registry, inventory)[0]
+                    if chosen is not None:
+                        break
         self.state = State.ACCEPTING
         if chosen is None:
             reason = "; ".join(reasons) or "no offer"
@@ -97,7 +102,9 @@ class HandshakeMixin:
         comp = Composition.from_dict(comps[0]).validate(self.registry)
         index = wire.field_int(fields, HsField.CHOSEN, 1)
         counter = index == 255
-        if not counter and (index >= len(self.offers) or comp != self.offers[index]):
+        if not counter and (
+            index >= len(self.offers) or not negotiation.matches_offer(comp, self.offers[index])
+        ):
             raise WireError("ACCEPT names a composition that was not offered")
         if counter:
             check = self.config.accept_counter_offer

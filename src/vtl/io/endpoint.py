@@ -78,6 +78,7 @@ class UdpEndpoint:
         self._closing: asyncio.Future[None] | None = None
         self.counters = usock.counters
         self._local_address = usock.local_address
+        self._deployer: Any = None  # vtl.deploy.Deployer once enable_deployment() ran
         loop.add_reader(self._fd, self._on_readable)
 
     @classmethod
@@ -274,6 +275,35 @@ class UdpEndpoint:
         out["gro"] = self._sock.gro
         out.update(self._core.stats())
         return out
+
+    # ------------------------------------------------- TF deployment
+
+    def enable_deployment(self, trust: Any) -> Any:
+        """Let TF packages trusted by ``trust`` (a :class:`vtl.deploy.TrustPolicy`)
+        be deployed into this running endpoint; returns its
+        :class:`vtl.deploy.Deployer` (deploy / upgrade / remove / list)."""
+        from vtl.deploy import Deployer
+
+        if self._deployer is None:
+            self._deployer = Deployer.for_endpoint(self._core, trust, self._schedule_flush)
+        else:
+            self._deployer.trust = trust
+        return self._deployer
+
+    @property
+    def deployer(self) -> Any:
+        """The endpoint's :class:`vtl.deploy.Deployer` (None until enabled)."""
+        return self._deployer
+
+    async def serve_control(self, path: str, trust: Any = None) -> Any:
+        """Serve the local control socket (docs/deployment.md) at ``path``;
+        returns the started :class:`vtl.deploy.control.ControlServer`."""
+        from vtl.deploy.control import ControlServer
+        from vtl.deploy.trust import TrustPolicy
+
+        if trust is not None or self._deployer is None:
+            self.enable_deployment(trust if trust is not None else TrustPolicy())
+        return await ControlServer(path, self._deployer, self.stats).start()
 
     # -------------------------------------------------------- addresses
 
