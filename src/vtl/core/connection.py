@@ -44,6 +44,7 @@ from vtl.core.events import (
 from vtl.core.handshake import HandshakeMixin
 from vtl.core.ranges import RangeSet
 from vtl.core.receiver import ReceiverMixin
+from vtl.core.reconfig import ReconfigMixin, ReconfigState
 from vtl.core.records import (
     _ESTABLISHED_TYPES,
     DRAIN_RTOS,
@@ -63,7 +64,7 @@ from vtl.core.wire import AckFlags, DataFlags, HsField, PacketType
 from vtl.tfs.congestion.base import CongestionControl
 
 
-class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
+class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, ReconfigMixin):
     """One VTL connection (either end), driven without I/O."""
 
     def __init__(
@@ -106,6 +107,8 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
             "segments_abandoned": 0,
             "app_bytes_sent": 0,
             "app_bytes_delivered": 0,
+            "reconfigurations": 0,
+            "reconfigurations_refused": 0,
         }
         self._events: deque[Any] = deque()
         self._max_payload = cfg.max_datagram_size - wire.DATA_OVERHEAD
@@ -190,6 +193,11 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
         self._keepalive_deadline: float | None = None
         self._probe_due = False
         self._terminated_event_sent = False
+        # ---- live reconfiguration (reconfig.py)
+        self._reconf = ReconfigState()
+        self._reconf_deadline: float | None = None
+        self._flow_window_bound = 0  # ACK windows up to this are valid too
+        self.peer_inventory: dict[str, dict[str, list[str]]] = {}  # from the handshake
 
     # ================================================================ API
 
@@ -320,6 +328,7 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
             self._persist_deadline,
             self._close_deadline,
             self._keepalive_deadline,
+            self._reconf_deadline,
         ]
         if self._pace_deadline is not None and self._has_sendable():
             cands.append(self._pace_deadline)
@@ -372,6 +381,8 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
             self._probe_due = True
         if self._pace_deadline is not None and now >= self._pace_deadline:
             self._pace_deadline = None
+        if self._reconf_deadline is not None and now >= self._reconf_deadline:
+            self._reconf_on_timer(now)
 
     def _idle_timeout(self) -> float:
         if self.state in (State.OFFERING, State.ACCEPTING):
@@ -437,7 +448,9 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
             if self.is_client:
                 self._confirm_pending = True
             return
-        if t not in _ESTABLISHED_TYPES:  # RECONFIGURE and handshake types
+        if t not in _ESTABLISHED_TYPES or (
+            t is PacketType.RECONFIGURE and state is State.ACCEPTING
+        ):  # handshake types; a RECONFIGURE is repeated until we are established
             raise WireError(f"unexpected {t.name} on an established connection")
         pn = self._expand_pn_rx(p.pn)
         if pn > self._largest_pn_seen + MAX_PN_GAP:
@@ -456,9 +469,12 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
         elif t is PacketType.CLOSE:
             fresh = self._on_close(p)
             self._note_ack_eliciting(pn, now, fresh)
+        elif t is PacketType.RECONFIGURE:
+            self._on_reconfigure(p, now)
         else:  # PROBE
             self._note_ack_eliciting(pn, now, True)
             self._ack_now = True
+        self._reconf_on_packet(now)
         # only a packet that passed every check moves the expansion base
         self._largest_pn_seen = max(self._largest_pn_seen, pn)
 
@@ -501,6 +517,8 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
             or (self._ack_pending and self._ack_deadline is not None and now >= self._ack_deadline)
         ):
             self._send_ack(out, now)
+        if self._reconf.outbox:
+            self._send_reconfigure(out, now)
         self._send_data(out, now)
         if self._close_requested and not self._unsent and self._close_final is None:
             self._close_final = self._snd_nxt
@@ -583,6 +601,7 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
             "_close_deadline",
             "_keepalive_deadline",
             "_pace_deadline",
+            "_reconf_deadline",
         ):
             setattr(self, attr, None)
         if code == 0:
@@ -666,6 +685,7 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
             bytes_in_flight=self._bytes_in_flight,
             outstanding_segments=len(self._outstanding),
             unsent_bytes=self._unsent_bytes,
+            reconfig=list(self._reconf.history),
         )
         if self.cc is not None:
             out["cc"] = self.cc.state()
