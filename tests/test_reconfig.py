@@ -102,7 +102,7 @@ def test_switch_mid_transfer_under_10_percent_loss_is_byte_exact_both_ways(
         for spec in want.specs:
             attr = "cc" if spec.role == "congestion" else spec.role
             tf = getattr(conn, attr)
-            assert tf.NAME == spec.name
+            assert spec.name == tf.NAME
             assert tf.params == type(tf).validate_params(spec.params)
     # the data sent after the switch point went out: the switch happened mid-transfer
     done_a = _reconf_events(result.a)[0]
