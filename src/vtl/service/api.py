@@ -447,6 +447,20 @@ class Connection:
     def stats(self) -> dict[str, Any]:
         return self._vc.stats()
 
+    async def reconfigure(
+        self, composition: Composition | dict | str, timeout: float | None = None
+    ) -> Event:
+        """Switch the running connection to another composition (whole, or
+        only the roles to change) without losing a byte or a new handshake;
+        returns :class:`~vtl.core.events.ReconfigureDone` (with the measured
+        delivery pause) or :class:`~vtl.core.events.ReconfigureRefused`."""
+        outcome = await self._vc.reconfigure(composition, timeout)
+        comp = self._vc.composition
+        if comp is not None and comp != self._composition:
+            self._composition = comp
+            self.traits = CompositionTraits.of(comp, self._registry)
+        return outcome
+
     def properties_honoured(self) -> dict[str, PropertyStatus]:
         """Per property: what was asked, what the composition gives, and
         whether that honours the request (TAPS: querying a property after
