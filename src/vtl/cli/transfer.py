@@ -15,6 +15,7 @@ from typing import Any
 
 from vtl.bench.common import parse_size
 from vtl.cli.common import add_service_arguments, emit, fail, offers_from_args, parse_address
+from vtl.core.composition import Composition
 from vtl.core.config import ConnectionConfig
 from vtl.core.errors import VtlError
 from vtl.core.events import ReconfigureRefused
@@ -58,8 +59,13 @@ def run_send(args: argparse.Namespace) -> int:
         args.reconfigure = None
         if args.reconfigure_after:
             size, comp = args.reconfigure_after
-            args.reconfigure = (parse_size(size), comp)
-    except (VtlError, ValueError) as exc:
+            try:
+                nbytes = parse_size(size)
+            except ValueError:
+                return fail(f"--reconfigure-after: bad size {size!r} (e.g. 4MiB, 500K, 1000)")
+            Composition.parse(comp)  # syntax and roles; the TFs are checked at the switch
+            args.reconfigure = (nbytes, comp)
+    except VtlError as exc:
         return fail(str(exc))
     try:
         record = asyncio.run(_send(args, offers))

@@ -474,7 +474,7 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, Reco
         else:  # PROBE
             self._note_ack_eliciting(pn, now, True)
             self._ack_now = True
-        self._reconf_on_packet(now)
+        self._reconf_on_packet(now, t is PacketType.DATA)
         # only a packet that passed every check moves the expansion base
         self._largest_pn_seen = max(self._largest_pn_seen, pn)
 

@@ -78,7 +78,8 @@ class Exchange:
     deferred: dict[str, tuple[Any, str]] = field(default_factory=dict)
     boundary_at: float | None = None
     pause: float | None = None
-    finished: bool = False
+    ended_at: float | None = None  # end of the pause measurement
+    finished: bool = False  # ReconfigureDone given
 
 
 class ReconfigState:
@@ -440,15 +441,20 @@ class ReconfigMixin:
             self.rtt.max_rto = p.get("max_rto", self.rtt.max_rto)
             self.rtt.backoff = p.get("rto_backoff", self.rtt.backoff)
 
-    def _reconf_on_packet(self, now: float) -> None:
+    def _reconf_on_packet(self, now: float, data: bool) -> None:
         """After every received packet: note deliveries (for the pause
         measurement) and move an exchange towards its end."""
         r = self._reconf
+        a = r.active
+        if data and a is not None and a.boundary_at is not None and r.settle_deadline is not None:
+            # the peer is sending: wait for the first delivery after the switch
+            r.settle_deadline = max(r.settle_deadline, now + 2 * self.rtt.smoothed)
+            self._reconf_arm()
         delivered = self.stats["app_bytes_delivered"]
         if delivered != r.delivered_seen:
             r.delivered_seen = delivered
             a = r.active
-            if a is not None and a.started is not None and not a.finished:
+            if a is not None and a.started is not None and a.ended_at is None:
                 since = a.started if r.last_delivery is None else max(r.last_delivery, a.started)
                 gap = now - since
                 if a.pause is None or gap > a.pause:
@@ -476,19 +482,25 @@ class ReconfigMixin:
             a.boundary_at = now
             r.settle_deadline = now + 2 * self.rtt.smoothed
             self._reconf_arm()
-        if not a.finished and (
+        # done at the first delivery after the switch, or when the peer has
+        # sent nothing for 2 RTTs after the boundary (nothing to deliver)
+        if a.ended_at is None and (
             self._rcv_next > a.peer_switch_seq
             or (r.settle_deadline is not None and now >= r.settle_deadline)
         ):
-            self._reconf_finish(a, now)
-        if a.finished and a.peer_done:
+            a.ended_at = now
+            r.settle_deadline = None
+            self._reconf_arm()
+        # the exchange is over for both ends once the peer has our CONFIRM
+        # (initiator: DONE received; responder: it got the CONFIRM)
+        if a.ended_at is not None and a.peer_done:
+            self._reconf_finish(a)
             r.active = None
 
-    def _reconf_finish(self, a: Exchange, now: float) -> None:
+    def _reconf_finish(self, a: Exchange) -> None:
         r = self._reconf
         a.finished = True
-        r.settle_deadline = None
-        self._reconf_arm()
+        now = a.ended_at if a.ended_at is not None else 0.0
         started = now if a.started is None else a.started
         event = ReconfigureDone(
             a.rid,
