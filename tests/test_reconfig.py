@@ -543,3 +543,23 @@ def test_ordering_switches_at_the_receiver_once_nothing_is_held_out_of_order() -
     assert sorted(result.b.data) == sorted(ab) and sorted(result.a.data) == sorted(ba)
     assert seen == {"switched": True, "held": 0}
     assert t.conn_a.ordering.NAME == "unordered"
+
+
+@pytest.mark.parametrize(("start", "change"), [("ordered", "unordered"), ("unordered", "ordered")])
+def test_ordering_switch_with_messages_loses_none(start: str, change: str) -> None:
+    rng = random.Random(9)
+    msgs = [rng.randbytes(rng.randrange(1, 6000)) for _ in range(500)]
+    t = Transfer(
+        [Composition.parse(f"framing=message ordering={start}")],
+        forward=LOSSY,
+        data_ab=msgs,
+        data_ba=msgs[:100],
+        schedule=[(0.3, lambda t: t.conn_a.reconfigure(f"ordering={change}"))],
+        seed=4,
+        timeout=120.0,
+    )
+    result = t.run()
+    assert result.completed and result.clean
+    assert sorted(result.b.messages) == sorted(msgs)  # every message once, whole
+    assert sorted(result.a.messages) == sorted(msgs[:100])
+    assert t.conn_b.ordering.NAME == change == t.conn_a.ordering.NAME

@@ -472,7 +472,8 @@ class ReconfigMixin:
             if self._rcv_next < a.peer_switch_seq:
                 return  # old-composition data from the peer still to deliver
             if a.deferred:
-                quiet = not self._rcv_ranges and not self._msg_parts
+                # nothing held out of order, no message half assembled
+                quiet = not self._rcv_ranges and not self._rcv_buf and not self._msg_parts
                 for role, (new, when) in list(a.deferred.items()):
                     if when == "boundary" or quiet:
                         self._reconf_install(role, new, now)
