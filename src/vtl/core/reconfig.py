@@ -230,7 +230,7 @@ class ReconfigMixin:
             comp.validate(self.registry)
         except CompositionError as exc:
             return ErrorCode.RECONFIG_UNSUPPORTED, str(exc)
-        if check_peer and self.peer_inventory:
+        if check_peer and self.peer_inventory and _valid_inventory(self.peer_inventory):
             missing = comp.satisfiable_by(self.peer_inventory)
             if missing:
                 return ErrorCode.RECONFIG_UNSUPPORTED, f"the peer lacks {', '.join(missing)}"
