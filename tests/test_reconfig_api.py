@@ -138,3 +138,43 @@ def test_cli_send_reconfigure_after(tmp_path) -> None:
         env=env,
     )
     assert bad.returncode != 0 and "lots" in bad.stderr
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(180)
+def test_switch_over_the_net3_testbed(tmp_path) -> None:
+    """vtl send/recv across an emulated net3 link (10 Mbit/s, 20 ms RTT, 1 %
+    loss each way), go-back-n -> selective repeat after 1 MiB."""
+    from vtl.testbed import Topology
+
+    payload = os.urandom(3 * 1024 * 1024)
+    src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
+    src.write_bytes(payload)
+    os.chmod(tmp_path, 0o755)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    start = "reliability=go-back-n(window=64)"
+    with Topology.pair("net3", loss=1.0).up() as net:
+        b_ip = net.addr("b")
+        recv = net.hosts["b"].popen(
+            [sys.executable, "-m", "vtl", "recv", f"{b_ip}:7300", "-o", str(dst), "--json"]
+            + ["-c", start],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        time.sleep(0.7)
+        cp = net.hosts["a"].run(
+            [sys.executable, "-m", "vtl", "send", f"{b_ip}:7300", str(src), "--json"]
+            + ["-c", start, "--reconfigure-after", "1MiB", "reliability=selective-repeat"],
+            check=False,
+            timeout=150,
+            env=env,
+        )
+        out, _ = recv.communicate(timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    sent, got = json.loads(cp.stdout), json.loads(out)
+    assert sent["verified"] and dst.read_bytes() == payload
+    assert "reliability=selective-repeat" in got["composition"]
+    (rec,) = got["reconfigurations"]
+    assert rec["by_peer"] and rec["pause"] is not None and rec["elapsed"] > 0
