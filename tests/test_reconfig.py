@@ -563,3 +563,28 @@ def test_ordering_switch_with_messages_loses_none(start: str, change: str) -> No
     assert sorted(result.b.messages) == sorted(msgs)  # every message once, whole
     assert sorted(result.a.messages) == sorted(msgs[:100])
     assert t.conn_b.ordering.NAME == change == t.conn_a.ordering.NAME
+
+
+class _BadInherit(SelectiveRepeat):
+    """Raises when asked to carry state over."""
+
+    NAME = "bad-inherit"
+
+    def inherit(self, old, **context) -> None:
+        raise RuntimeError("boom")
+
+
+def test_a_tf_whose_inherit_raises_starts_fresh() -> None:
+    reg = Registry()
+    register_builtins(reg)
+    reg.register(_BadInherit)
+    cfg = ConnectionConfig(registry=reg)
+    result, t, ab, ba = _run(
+        "reliability=go-back-n(window=32)",
+        [(0.3, lambda t: t.conn_a.reconfigure("reliability=bad-inherit"))],
+        config_a=cfg,
+        config_b=ConnectionConfig(registry=reg),
+    )
+    _assert_exact(result, ab, ba)
+    assert t.conn_a.reliability.NAME == "bad-inherit" == t.conn_b.reliability.NAME
+    assert t.conn_a._reconf.inherit_failures == 1 == t.conn_b._reconf.inherit_failures

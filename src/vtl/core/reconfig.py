@@ -99,6 +99,7 @@ class ReconfigState:
         self.delivered_seen = 0
         self.outcomes: dict[int, Event] = {}  # our request id -> Done / Refused
         self.history: list[dict[str, Any]] = []
+        self.inherit_failures = 0  # TFs whose inherit() raised (started fresh)
 
 
 def merge_composition(current: Composition, change: Composition | dict | str) -> Composition:
@@ -433,7 +434,10 @@ class ReconfigMixin:
         attr = ROLE_ATTRS.get(role, role)
         old = getattr(self, attr, None)
         if old is not None:
-            new.inherit(old, rtt=self.rtt, now=now, bytes_in_flight=self._bytes_in_flight)
+            try:
+                new.inherit(old, rtt=self.rtt, now=now, bytes_in_flight=self._bytes_in_flight)
+            except Exception:  # a faulty TF: it starts fresh, the switch goes on
+                self._reconf.inherit_failures += 1
         setattr(self, attr, new)
         if role == "reliability":
             p = new.params
