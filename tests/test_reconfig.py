@@ -588,3 +588,75 @@ def test_a_tf_whose_inherit_raises_starts_fresh() -> None:
     _assert_exact(result, ab, ba)
     assert t.conn_a.reliability.NAME == "bad-inherit" == t.conn_b.reliability.NAME
     assert t.conn_a._reconf.inherit_failures == 1 == t.conn_b._reconf.inherit_failures
+
+
+class _HoldFirstRequest:
+    """Node wrapper: holds the first RECONFIGURE REQUEST it receives for
+    ``hold`` seconds, then delivers it (a very late, reordered copy)."""
+
+    def __init__(self, inner: EndpointCore, hold: float) -> None:
+        self.inner, self.hold = inner, hold
+        self.held: tuple[float, bytes, object] | None = None
+        self.done = False
+        self.now = 0.0
+
+    def receive(self, datagram: bytes, addr, now: float) -> None:
+        self.now = now
+        if not self.done:
+            p = wire.decode(datagram)
+            if (
+                p.type is PacketType.RECONFIGURE
+                and wire.decode_fields(p.body)[HsField.RECONFIG_OP][0] == Op.REQUEST
+            ):
+                self.done = True
+                self.held = (now + self.hold, datagram, addr)
+                return
+        self.inner.receive(datagram, addr, now)
+
+    def datagrams_to_send(self, now: float):
+        return self.inner.datagrams_to_send(now)
+
+    def next_timer(self):
+        times = [t for t in (self.inner.next_timer(), self.held and self.held[0]) if t]
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        if self.held is not None and now >= self.held[0]:
+            _, datagram, addr = self.held
+            self.held = None
+            self.inner.receive(datagram, addr, now)
+        self.inner.handle_timer(now)
+
+
+def test_a_late_copy_of_the_losing_request_is_not_accepted() -> None:
+    """Both ask at once; the server's request reaches the client only after
+    the client's own exchange is over.  The server dropped it on the
+    collision, so the client must refuse it, not switch alone."""
+    holder: dict[str, _HoldFirstRequest] = {}
+
+    def wrap_a(ep: EndpointCore) -> _HoldFirstRequest:
+        holder["a"] = _HoldFirstRequest(ep, 0.4)
+        return holder["a"]
+
+    def both(t: Transfer) -> None:
+        t.conn_a.reconfigure("reliability=selective-repeat(window=100)")
+        t.conn_b.reconfigure("congestion=fixed-rate(rate_mbps=8)")
+
+    seen: dict = {}
+
+    def check(t: Transfer) -> None:
+        if t.net.now > 0.75 and "late" not in seen and t.conn_a is not None:
+            seen["late"] = (t.conn_a.reconfiguring, str(t.conn_a.composition))
+
+    result, t, ab, ba = _run(
+        "reliability=go-back-n(window=32)", [(0.3, both)], wrap_a=wrap_a, check=check
+    )
+    _assert_exact(result, ab, ba)
+    assert holder["a"].done and holder["a"].held is None  # the copy was delivered late
+    ev_a, ev_b = _reconf_events(result.a), _reconf_events(result.b)
+    assert [type(e) for e in ev_a] == [ReconfigureDone]
+    assert [type(e) for e in ev_b] == [ReconfigureRefused, ReconfigureDone]
+    for conn in (t.conn_a, t.conn_b):
+        assert conn.cc.NAME == "newreno" and conn.reliability.params["window"] == 100
+        assert conn.stats["reconfigurations"] == 1
+    assert seen["late"][0] is False

@@ -95,6 +95,7 @@ class ReconfigState:
         self.settle_deadline: float | None = None
         self.answers: dict[int, dict[int, bytes]] = {}  # peer request id -> our answer
         self.peer_max_id = 0
+        self.own_answered = 0  # highest id of our requests the peer answered
         self.last_delivery: float | None = None
         self.delivered_seen = 0
         self.outcomes: dict[int, Event] = {}  # our request id -> Done / Refused
@@ -200,6 +201,7 @@ class ReconfigMixin:
             HsField.RECONFIG_ID: rid.to_bytes(4, "big"),
             HsField.COMPOSITIONS: wire.to_json([comp.to_dict()]),
             HsField.INVENTORY: wire.to_json(self.registry.inventory()),
+            HsField.RECONFIG_SEEN: r.peer_max_id.to_bytes(4, "big"),
         }
         self._reconf_repeat(fields)
         return rid
@@ -296,6 +298,14 @@ class ReconfigMixin:
         if not isinstance(comps, list) or len(comps) != 1:
             raise WireError("RECONFIGURE request must carry exactly one composition")
         r.peer_max_id = rid
+        seen = wire.field_int(fields, HsField.RECONFIG_SEEN, 4, default=0)
+        if self.is_client and seen < r.own_answered:
+            # made before the server saw one of our requests, which it then
+            # answered: it dropped this one on the collision (a late copy)
+            self._reconf_refuse(
+                rid, ErrorCode.RECONFIG_BUSY, "both ends asked at once; ours went first"
+            )
+            return
         a = r.active
         if a is not None and a.initiator and not a.committed:
             if self.is_client:  # collision: the initiator's request goes first
@@ -350,6 +360,7 @@ class ReconfigMixin:
                 r.outbox.append(r.retx)
             return
         a.peer_switch_seq = self._reconf_switch_seq(fields)
+        r.own_answered = max(r.own_answered, rid)
         self._reconf_commit(a, now)
         self._reconf_repeat(
             {
@@ -370,6 +381,7 @@ class ReconfigMixin:
             return
         self._reconf_stop_repeat()
         self._reconf.active = None
+        self._reconf.own_answered = max(self._reconf.own_answered, rid)
         self._reconf_refused(rid, code, reason, by_peer=True)
 
     def _reconf_on_confirm(self, fields: dict[int, bytes], rid: int, now: float) -> None:
