@@ -13,10 +13,13 @@ import sys
 import time
 from typing import Any
 
+from vtl.bench.common import parse_size
 from vtl.cli import tf
 from vtl.cli.common import add_service_arguments, emit, fail, offers_from_args, parse_address
+from vtl.core.composition import Composition
 from vtl.core.config import ConnectionConfig
 from vtl.core.errors import VtlError
+from vtl.core.events import ReconfigureRefused
 
 CHUNK = 256 * 1024
 
@@ -28,6 +31,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--bind", type=parse_address, default=None, help="local HOST:PORT")
     p.add_argument("--timeout", type=float, default=10.0, help="handshake timeout (s)")
     p.add_argument("--json", action="store_true", help="print one JSON record")
+    p.add_argument(
+        "--reconfigure-after",
+        nargs=2,
+        metavar=("BYTES", "COMPOSITION"),
+        help="after sending BYTES (e.g. 4MiB), switch the running connection to "
+        "COMPOSITION (only the roles named change), e.g. 'reliability=selective-repeat'",
+    )
     add_service_arguments(p)
     tf.add_control_arguments(p)
     p.set_defaults(func=run_send)
@@ -49,6 +59,15 @@ def _config(args: argparse.Namespace) -> ConnectionConfig:
 def run_send(args: argparse.Namespace) -> int:
     try:
         offers, why = offers_from_args(args)
+        args.reconfigure = None
+        if args.reconfigure_after:
+            size, comp = args.reconfigure_after
+            try:
+                nbytes = parse_size(size)
+            except ValueError:
+                return fail(f"--reconfigure-after: bad size {size!r} (e.g. 4MiB, 500K, 1000)")
+            Composition.parse(comp)  # syntax and roles; the TFs are checked at the switch
+            args.reconfigure = (nbytes, comp)
     except VtlError as exc:
         return fail(str(exc))
     try:
@@ -77,11 +96,15 @@ async def _send(args: argparse.Namespace, offers) -> dict[str, Any]:
         digest = hashlib.sha256()
         total = 0
         src = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
+        reconf_rid = None
         try:
             while chunk := src.read(CHUNK):
                 digest.update(chunk)
                 total += len(chunk)
                 await conn.send(chunk)
+                if args.reconfigure and reconf_rid is None and total >= args.reconfigure[0]:
+                    # ask and go on sending: the switch must not stall the data
+                    reconf_rid = conn.core.reconfigure(args.reconfigure[1], ep._loop.time())
         finally:
             if src is not sys.stdin.buffer:
                 src.close()
@@ -96,8 +119,17 @@ async def _send(args: argparse.Namespace, offers) -> dict[str, Any]:
         except ValueError:
             answer = {}
         stats = conn.stats()
+        reconf = None
+        if reconf_rid is not None:
+            outcome = conn.core.reconfigure_outcome(reconf_rid)
+            reconf = {"requested_after_bytes": args.reconfigure[0], "history": stats["reconfig"]}
+            if isinstance(outcome, ReconfigureRefused):
+                reconf["refused"] = outcome.reason
+            elif outcome is None:
+                reconf["refused"] = "no answer before the transfer ended"
         return {
             "role": "sender",
+            "reconfigure": reconf,
             "bytes": total,
             "sha256": digest.hexdigest(),
             "verified": answer.get("sha256") == digest.hexdigest() and answer.get("bytes") == total,
@@ -195,6 +227,7 @@ async def _receive_one(conn, output: str | None) -> dict[str, Any]:
         "seconds": end - start,
         "goodput_mbps": total * 8 / max(end - start, 1e-9) / 1e6,
         "duplicate_segments": stats.get("duplicate_segments"),
+        "reconfigurations": stats.get("reconfig"),
     }
 
 
@@ -204,6 +237,15 @@ def _human(verb: str, r: dict[str, Any]) -> str:
         f"  composition: {r['composition']}" + ("  (counter-offer)" if r["counter_offer"] else ""),
         f"  sha256: {r['sha256']}",
     ]
+    for rec in (r.get("reconfigure") or {}).get("history") or r.get("reconfigurations") or []:
+        pause = "-" if rec["pause"] is None else f"{rec['pause'] * 1000:.2f} ms"
+        who = "peer" if rec["by_peer"] else "us"
+        lines.append(
+            f"  reconfigured (asked by {who}) after {rec['elapsed'] * 1000:.1f} ms, "
+            f"delivery pause {pause}: {rec['composition']}"
+        )
+    if (r.get("reconfigure") or {}).get("refused"):
+        lines.append(f"  reconfiguration refused: {r['reconfigure']['refused']}")
     if "verified" in r:
         lines.append(f"  verified by receiver: {'yes' if r['verified'] else 'NO'}")
         lines.append(

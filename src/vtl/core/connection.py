@@ -45,6 +45,7 @@ from vtl.core.fec import FecMixin
 from vtl.core.handshake import HandshakeMixin
 from vtl.core.ranges import RangeSet
 from vtl.core.receiver import ReceiverMixin
+from vtl.core.reconfig import ReconfigMixin, ReconfigState
 from vtl.core.records import (
     _ESTABLISHED_TYPES,
     DRAIN_RTOS,
@@ -64,7 +65,9 @@ from vtl.core.wire import AckFlags, DataFlags, HsField, PacketType
 from vtl.tfs.congestion.base import CongestionControl
 
 
-class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, FecMixin):
+class Connection(
+    HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, FecMixin, ReconfigMixin
+):
     """One VTL connection (either end), driven without I/O."""
 
     def __init__(
@@ -108,6 +111,8 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, FecM
             "app_bytes_sent": 0,
             "app_bytes_delivered": 0,
             "tf_failures": 0,
+            "reconfigurations": 0,
+            "reconfigurations_refused": 0,
         }
         self._events: deque[Any] = deque()
         self._max_payload = cfg.max_datagram_size - wire.DATA_OVERHEAD
@@ -192,6 +197,11 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, FecM
         self._keepalive_deadline: float | None = None
         self._probe_due = False
         self._terminated_event_sent = False
+        # ---- live reconfiguration (reconfig.py)
+        self._reconf = ReconfigState()
+        self._reconf_deadline: float | None = None
+        self._flow_window_bound = 0  # ACK windows up to this are valid too
+        self.peer_inventory: dict[str, dict[str, list[str]]] = {}  # from the handshake
 
     # ================================================================ API
 
@@ -336,6 +346,7 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, FecM
             self._close_deadline,
             self._keepalive_deadline,
             self._fec_deadline,
+            self._reconf_deadline,
         ]
         if self._pace_deadline is not None and self._has_sendable():
             cands.append(self._pace_deadline)
@@ -394,6 +405,8 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, FecM
             self._probe_due = True
         if self._pace_deadline is not None and now >= self._pace_deadline:
             self._pace_deadline = None
+        if self._reconf_deadline is not None and now >= self._reconf_deadline:
+            self._reconf_on_timer(now)
 
     def _idle_timeout(self) -> float:
         if self.state in (State.OFFERING, State.ACCEPTING):
@@ -461,7 +474,9 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, FecM
             if self.is_client:
                 self._confirm_pending = True
             return
-        if t not in _ESTABLISHED_TYPES:  # RECONFIGURE and handshake types
+        if t not in _ESTABLISHED_TYPES or (
+            t is PacketType.RECONFIGURE and state is State.ACCEPTING
+        ):  # handshake types; a RECONFIGURE is repeated until we are established
             raise WireError(f"unexpected {t.name} on an established connection")
         pn = self._expand_pn_rx(p.pn)
         if pn > self._largest_pn_seen + MAX_PN_GAP:
@@ -484,9 +499,12 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, FecM
             self._note_ack_eliciting(pn, now, fresh)
         elif t is PacketType.REPAIR:
             self._on_repair(p, pn, now)
+        elif t is PacketType.RECONFIGURE:
+            self._on_reconfigure(p, now)
         else:  # PROBE
             self._note_ack_eliciting(pn, now, True)
             self._ack_now = True
+        self._reconf_on_packet(now, t is PacketType.DATA)
         # only a packet that passed every check moves the expansion base
         self._largest_pn_seen = max(self._largest_pn_seen, pn)
 
@@ -538,6 +556,8 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, FecM
             or (self._ack_pending and self._ack_deadline is not None and now >= self._ack_deadline)
         ):
             self._send_ack(out, now)
+        if self._reconf.outbox:
+            self._send_reconfigure(out, now)
         self._send_data(out, now)
         if self.fec_tx is not None:
             self._fec_flush(out, now)
@@ -643,6 +663,7 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, FecM
             "_close_deadline",
             "_keepalive_deadline",
             "_pace_deadline",
+            "_reconf_deadline",
         ):
             setattr(self, attr, None)
         if code == 0:
@@ -726,6 +747,7 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, FecM
             bytes_in_flight=self._bytes_in_flight,
             outstanding_segments=len(self._outstanding),
             unsent_bytes=self._unsent_bytes,
+            reconfig=list(self._reconf.history),
         )
         if self.cc is not None:
             out["cc"] = self.cc.state()

@@ -48,4 +48,8 @@ class ErrorCode(IntEnum):
     ENDPOINT_CLOSING = 9
     UNKNOWN_CONNECTION = 10
     NOT_LISTENING = 11
+    RECONFIG_UNSUPPORTED = 12  # a TF of the new composition is missing or invalid
+    RECONFIG_NOT_LIVE = 13  # a role change that cannot be done on a running connection
+    RECONFIG_BUSY = 14  # another reconfiguration is in progress (or collided)
+    RECONFIG_CLOSING = 15  # the connection is closing
     TF_REMOVED = 20  # an operator force-removed a deployed TF this connection used

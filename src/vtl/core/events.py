@@ -63,3 +63,32 @@ class ConnectionTerminated(Event):
     error_code: int
     reason: str
     by_peer: bool
+
+
+@dataclass
+class ReconfigureDone(Event):
+    """A live reconfiguration is complete at this end: it sends under
+    ``composition`` from ``switch_seq`` on and has delivered everything the
+    peer sent before ``peer_switch_seq``.  ``pause`` is the longest gap in
+    delivery to the application between the start of the exchange and the
+    first delivery after the switch (None: no data flowed in that time);
+    ``elapsed`` runs from the request to that point."""
+
+    reconfig_id: int
+    composition: Composition
+    by_peer: bool  # the peer asked for it
+    switch_seq: int
+    peer_switch_seq: int
+    elapsed: float
+    pause: float | None
+
+
+@dataclass
+class ReconfigureRefused(Event):
+    """A reconfiguration we asked for did not happen (the connection runs
+    on unchanged): refused by the peer or by local checks."""
+
+    reconfig_id: int
+    error_code: int
+    reason: str
+    by_peer: bool

@@ -244,6 +244,7 @@ class FecMixin:
     #: while open, when that REPAIR left)
     _fec_cover: dict | None = None
     _fec_reserved = False  # DATA payloads leave room for the symbol prefix
+    _rx_payload_slack = 0  # FEC added live: accept segments cut before the switch
 
     # ------------------------------------------------------------ set up
 
@@ -255,6 +256,45 @@ class FecMixin:
         self._max_payload -= SYMBOL_PREFIX
         self._fec_reserved = True
         self._fec_install(tf)
+
+    def _reconf_install_fec(self, tf: Fec | None, now: float) -> None:
+        """Live reconfiguration: FEC added, changed or removed. Data queued
+        from now on leaves room for the symbol prefix; segments cut before
+        (full-size ones) go out unprotected."""
+        if tf is not None and tf.enabled and not self._fec_reserved:
+            self._max_payload -= SYMBOL_PREFIX
+            self._fec_reserved = True
+            # the peer's full-size segments cut before its switch still arrive
+            self._rx_payload_slack = SYMBOL_PREFIX
+            self._fec_recut_unsent()
+        self._fec_install(tf, None, now)
+
+    def _fec_recut_unsent(self) -> None:
+        """Cut queued (not yet numbered) data again to the smaller payload so
+        it can be protected. A message already partly sent keeps its queued
+        rest as it is (its boundaries are in flight)."""
+        unsent = self._unsent
+        if not unsent or all(len(p) <= self._max_payload for p, _ in unsent):
+            return
+        old = list(unsent)
+        keep = 0
+        if self.framing.messages:
+            while keep < len(old) and not old[keep][1] & wire.DataFlags.MSG_START:
+                keep += 1
+        unsent.clear()
+        unsent.extend(old[:keep])
+        self._unsent_bytes = sum(len(p) for p, _ in old[:keep])
+        rest = old[keep:]
+        if not self.framing.messages:
+            self._enqueue(b"".join(bytes(p) for p, _ in rest), False)
+            return
+        parts: list[bytes] = []
+        for payload, flags in rest:
+            if flags & wire.DataFlags.MSG_START:
+                parts = []
+            parts.append(bytes(payload))
+            if flags & wire.DataFlags.MSG_END:
+                self._enqueue(b"".join(parts), True)
 
     def _fec_install(self, tf: Fec | None, out: list[bytes] | None = None, now: float = 0.0):
         """Create (or replace, or with None / ``none`` remove) the FEC state.

@@ -45,6 +45,7 @@ class HandshakeMixin:
             raise WireError("malformed OFFER")
         peer_isn = wire.field_int(fields, HsField.INITIAL_SEQ, 4)
         peer_mds = self._peer_max_datagram(fields)
+        self.peer_inventory = inventory  # for live reconfiguration
         chosen, index, reasons = None, None, []
         for i, raw in enumerate(offers_raw[:16]):
             try:
@@ -118,6 +119,10 @@ class HandshakeMixin:
         peer_isn = wire.field_int(fields, HsField.INITIAL_SEQ, 4)
         peer_mds = self._peer_max_datagram(fields)
         window = wire.field_int(fields, HsField.WINDOW, 4)
+        try:  # informational here: only live reconfiguration uses it (and checks it)
+            self.peer_inventory = wire.field_json(fields, HsField.INVENTORY, default={})
+        except WireError:
+            self.peer_inventory = {}
         self._largest_pn_rx = self._largest_pn_seen = self._expand_pn_rx(p.pn)
         self._largest_pn_rx_time = now
         if self._hs_sends == 1:

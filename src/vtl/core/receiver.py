@@ -37,7 +37,7 @@ class ReceiverMixin:
         rcv_next = self._rcv_next
         seq = wire.expand(tseq, rcv_next)
         una = wire.expand(tuna, rcv_next)
-        if len(payload) > self._max_payload:
+        if len(payload) > self._max_payload + self._rx_payload_slack:
             raise WireError("segment larger than negotiated")
         if una > rcv_next:
             self._check_una(una)

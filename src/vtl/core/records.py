@@ -24,7 +24,14 @@ U32 = 1 << 32
 
 
 _ESTABLISHED_TYPES = frozenset(
-    (PacketType.DATA, PacketType.ACK, PacketType.CLOSE, PacketType.PROBE, PacketType.REPAIR)
+    (
+        PacketType.DATA,
+        PacketType.ACK,
+        PacketType.CLOSE,
+        PacketType.PROBE,
+        PacketType.REPAIR,
+        PacketType.RECONFIGURE,
+    )
 )
 
 

@@ -34,7 +34,7 @@ class RecoveryMixin:
         if cum > self._snd_nxt:
             raise WireError("ACK for data never sent")
         limit = wire.expand(frame.window_limit, una)
-        if not cum <= limit <= cum + self.flow.window:
+        if not cum <= limit <= cum + max(self.flow.window, self._flow_window_bound):
             raise WireError("ACK window outside the negotiated receive window")
         sack: list[tuple[int, int]] = []
         floor = cum

@@ -101,6 +101,9 @@ class HsField(IntEnum):
     RECONFIG_ID = 8  # u32
     SWITCH_SEQ = 9  # u32
     NONCE = 10  # u64, matches an ACCEPT to its OFFER
+    RECONFIG_OP = 11  # u8: RECONFIGURE message kind (vtl.core.reconfig.Op)
+    RECONFIG_ERROR = 12  # u16 code + UTF-8 reason: why a RECONFIGURE was refused
+    RECONFIG_SEEN = 13  # u32: highest id of the receiver's requests the sender has seen
 
 
 @dataclass(slots=True)

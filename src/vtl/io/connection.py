@@ -41,6 +41,7 @@ _SEND_PIECE = 1 << 20  # stream data enters the core in pieces of at most this
 
 # what a parked future waits for
 _RECV, _SEND, _CLOSED = 0, 1, 2
+_RECONF_POLL = 0.001  # s between looks for a reconfiguration's outcome
 
 
 class VtlConnection:
@@ -193,6 +194,28 @@ class VtlConnection:
         """Abortive close: the peer gets a RESET with ``error_code``/``reason``."""
         self._conn.abort(error_code, reason)
         self._endpoint._schedule_flush()
+
+    async def reconfigure(
+        self, composition: Composition | dict | str, timeout: float | None = None
+    ) -> Event:
+        """Switch this running connection to ``composition`` (whole, or only
+        the roles to change) with the peer's agreement, without pausing the
+        data (docs/reconfiguration.md).  Returns the ReconfigureDone (with
+        the delivery pause measured here) or the ReconfigureRefused; the
+        connection runs on unchanged after a refusal."""
+        conn = self._conn
+        loop = self._endpoint._loop
+        rid = conn.reconfigure(composition, loop.time())
+        self._endpoint._schedule_flush()
+        deadline = None if timeout is None else loop.time() + timeout
+        while (outcome := conn.reconfigure_outcome(rid)) is None:
+            self._raise_if_unusable()
+            if deadline is not None and loop.time() >= deadline:
+                raise TimeoutError(f"reconfiguration {rid} not finished within {timeout} s")
+            # the outcome is a core event among data events the application
+            # may not be reading: look for it instead of waiting for events
+            await asyncio.sleep(_RECONF_POLL)
+        return outcome
 
     async def wait_closed(self) -> None:
         """Wait until the connection is over (see :attr:`error_code`)."""

@@ -421,6 +421,10 @@ class Connection:
 
     @property
     def composition(self) -> Composition:
+        comp = self._vc.composition  # a live reconfiguration (by either end) changes it
+        if comp is not None and comp != self._composition:
+            self._composition = comp
+            self.traits = CompositionTraits.of(comp, self._registry)
         return self._composition
 
     @property
@@ -446,6 +450,15 @@ class Connection:
 
     def stats(self) -> dict[str, Any]:
         return self._vc.stats()
+
+    async def reconfigure(
+        self, composition: Composition | dict | str, timeout: float | None = None
+    ) -> Event:
+        """Switch the running connection to another composition (whole, or
+        only the roles to change) without losing a byte or a new handshake;
+        returns :class:`~vtl.core.events.ReconfigureDone` (with the measured
+        delivery pause) or :class:`~vtl.core.events.ReconfigureRefused`."""
+        return await self._vc.reconfigure(composition, timeout)
 
     def properties_honoured(self) -> dict[str, PropertyStatus]:
         """Per property: what was asked, what the composition gives, and

@@ -205,6 +205,11 @@ class BlockingConnection:
         """The next whole message; ``None`` at end of stream."""
         return self._run(self._conn.receive_message(), timeout)
 
+    def reconfigure(self, composition: Composition | dict | str, timeout: Any = ...) -> Any:
+        """Switch the running connection to another composition; returns the
+        ReconfigureDone or ReconfigureRefused event (see Connection.reconfigure)."""
+        return self._run(self._conn.reconfigure(composition), timeout)
+
     def shutdown_write(self) -> None:
         """Half-close: the peer reads end of stream after our last byte."""
         self._run(_call(self._conn.close))

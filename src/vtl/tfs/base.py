@@ -73,6 +73,14 @@ class TransportFunction:
     NAME: ClassVar[str] = ""
     VERSION: ClassVar[str] = "1.0"
     PARAMS: ClassVar[dict[str, Param]] = {}
+    #: live reconfiguration (see docs/reconfiguration.md): may a running
+    #: connection switch to or from this TF?  None: the role's default
+    #: (every role but "security").
+    LIVE_SWITCH: ClassVar[bool | None] = None
+    #: when an end installs the new TF: "commit" (at once when it commits),
+    #: "boundary" (once it has delivered everything the peer sent under the
+    #: old composition) or "quiescent" (boundary, and nothing held out of order)
+    SWITCH_AT: ClassVar[str] = "commit"
 
     def __init__(self, params: dict[str, Any] | None = None) -> None:
         self.params = self.validate_params(params or {})
@@ -90,6 +98,19 @@ class TransportFunction:
         for name, spec in cls.PARAMS.items():
             out[name] = spec.validate(where, name, params[name]) if name in params else spec.default
         return out
+
+    @classmethod
+    def live_switch_refusal(cls, old: type[TransportFunction]) -> str | None:
+        """Why a running connection cannot switch from ``old`` (same role) to
+        this TF, or None if it can.  A switch is allowed only if any mix of
+        the old and the new TF across the two ends stays correct, since the
+        ends switch at different instants."""
+        return None
+
+    def inherit(self, old: TransportFunction, **context: Any) -> None:
+        """Carry over the state of ``old`` that still makes sense when this
+        TF replaces it on a running connection (``context`` holds engine
+        state such as ``rtt``, ``now``, ``bytes_in_flight``)."""
 
     @classmethod
     def describe(cls) -> dict[str, Any]:

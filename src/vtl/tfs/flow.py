@@ -13,6 +13,9 @@ class WindowFlowControl(TransportFunction):
 
     ROLE = "flow"
     NAME = "window"
+    # advertise the new window only once the peer has committed (it accepts
+    # ACK windows up to the larger of both from its commit on)
+    SWITCH_AT = "boundary"
     PARAMS = {
         "window": Param(int, 4096, "receive window in segments", 2, 1 << 20),
         "update_fraction": Param(

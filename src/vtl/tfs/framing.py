@@ -11,6 +11,15 @@ class Framing(TransportFunction):
     ROLE: ClassVar[str] = "framing"
     messages: ClassVar[bool] = False
 
+    @classmethod
+    def live_switch_refusal(cls, old: type) -> str | None:
+        if getattr(old, "messages", False) != cls.messages:
+            return (
+                f"framing {old.NAME!r} -> {cls.NAME!r}: stream and message framing cannot "
+                "change on a running connection (queued data is already framed)"
+            )
+        return None
+
 
 class StreamFraming(Framing):
     """Bytes in, bytes out: writes are coalesced into full segments."""

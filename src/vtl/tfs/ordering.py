@@ -10,6 +10,9 @@ from vtl.tfs.base import TransportFunction
 class Ordering(TransportFunction):
     ROLE: ClassVar[str] = "ordering"
     ordered: ClassVar[bool] = True
+    # the receiver's buffers are laid out per ordering: switch when it holds
+    # nothing out of order (see docs/reconfiguration.md)
+    SWITCH_AT: ClassVar[str] = "quiescent"
 
 
 class Ordered(Ordering):

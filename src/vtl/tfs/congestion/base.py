@@ -10,7 +10,7 @@ sockets or clocks, only the ``now`` they are given.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from vtl.core.rtt import RttEstimator
 from vtl.tfs.base import TransportFunction
@@ -86,6 +86,25 @@ class CongestionControl(TransportFunction):
 
     def on_rtt_measurement(self, *, rtt: RttEstimator, now: float) -> None:
         """A new RTT sample was taken."""
+
+    def inherit(self, old: TransportFunction, **context: Any) -> None:
+        """Live reconfiguration: a window-based controller starts from the
+        window (and ssthresh) of the one it replaces, or from the old pacing
+        rate x smoothed RTT, so the switch neither bursts nor restarts slow
+        start; RTT estimates live in the engine and carry over by
+        themselves.  A controller without a window keeps its own rate."""
+        if self.congestion_window >= INFINITE_WINDOW:
+            return
+        cwnd = getattr(old, "congestion_window", INFINITE_WINDOW)
+        ssthresh = getattr(old, "ssthresh", None)
+        rate = getattr(old, "pacing_rate", None)
+        rtt = context.get("rtt")
+        if cwnd >= INFINITE_WINDOW:
+            if not rate or rtt is None:
+                return
+            cwnd = ssthresh = int(rate * rtt.smoothed)
+        self.congestion_window = max(int(cwnd), 2 * self.max_datagram_size)
+        self.ssthresh = ssthresh
 
     def state(self) -> dict:
         """Small dict for stats / qlog-like traces."""

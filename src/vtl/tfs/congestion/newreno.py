@@ -157,6 +157,16 @@ class NewReno(CongestionControl):
         # it declared later must not reduce again, late ACKs of it not grow.
         self._enter_recovery(now)
 
+    def inherit(self, old, **context) -> None:
+        """Window as the base class, at least ``min_window``; an ongoing
+        recovery period carries over so the losses of one congestion event
+        seen by both controllers cut the window once."""
+        super().inherit(old, **context)
+        self.congestion_window = max(self.congestion_window, self.min_window)
+        start = getattr(old, "recovery_start_time", None)
+        if isinstance(start, float | int):
+            self.recovery_start_time = float(start)
+
     def state(self) -> dict:
         return {
             **super().state(),

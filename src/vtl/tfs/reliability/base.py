@@ -32,6 +32,18 @@ class Reliability(TransportFunction):
     #: receiver reports selective-ack ranges
     sack: ClassVar[bool] = True
 
+    @classmethod
+    def live_switch_refusal(cls, old: type) -> str | None:
+        # any two reliable (or two unreliable) policies interoperate: the
+        # receiver dedups by sequence number and the sender's loss detection
+        # works on packet numbers whether or not the receiver buffers/SACKs
+        if getattr(old, "reliable", True) != cls.reliable:
+            return (
+                f"reliability {old.NAME!r} -> {cls.NAME!r}: switching between reliable "
+                "and unreliable delivery on a running connection is not supported"
+            )
+        return None
+
     @property
     def window(self) -> int:
         """Most segments the sender may have outstanding (unacked)."""
