@@ -42,6 +42,7 @@ from vtl.core.events import (
     Event,
 )
 from vtl.core.handshake import HandshakeMixin
+from vtl.core.partial import PartialMixin, PrSendState
 from vtl.core.ranges import RangeSet
 from vtl.core.receiver import ReceiverMixin
 from vtl.core.records import (
@@ -63,7 +64,7 @@ from vtl.core.wire import AckFlags, DataFlags, HsField, PacketType
 from vtl.tfs.congestion.base import CongestionControl
 
 
-class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
+class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, PartialMixin):
     """One VTL connection (either end), driven without I/O."""
 
     def __init__(
@@ -104,6 +105,12 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
             "dropped_invalid": 0,
             "invalid_ack_echo": 0,
             "segments_abandoned": 0,
+            "segments_abandoned_tx": 0,  # partial reliability: sender gave up
+            "messages_abandoned": 0,
+            "bytes_abandoned": 0,
+            "forwards_sent": 0,
+            "messages_abandoned_rx": 0,  # ... and what the peer told us
+            "bytes_abandoned_rx": 0,
             "app_bytes_sent": 0,
             "app_bytes_delivered": 0,
         }
@@ -190,6 +197,7 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
         self._keepalive_deadline: float | None = None
         self._probe_due = False
         self._terminated_event_sent = False
+        self._pr = PrSendState()  # partial reliability (core/partial.py)
 
     # ================================================================ API
 
@@ -231,9 +239,13 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
             return self.framing.params["max_message_size"]
         return 1 << 30
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, *, lifetime: float | None = None, now: float | None = None) -> None:
         """Queue application data: stream bytes, or one whole message with
-        message framing.  Allowed before the handshake completes."""
+        message framing.  Allowed before the handshake completes.
+        ``lifetime`` (s, from ``now``) lets a partially reliable composition
+        abandon the data once it has passed (other compositions ignore it)."""
+        if lifetime is not None and not lifetime > 0:
+            raise ConnectionStateError(f"lifetime must be > 0 seconds, got {lifetime!r}")
         if self._close_requested:
             raise ConnectionStateError("cannot send after close()")
         if self.state is State.TERMINATED:
@@ -245,6 +257,7 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
                 f"message of {len(data)} bytes exceeds max_message_size {self.max_message_size}"
             )
         self._enqueue(data, messages)
+        self._pr_note_send(len(data), lifetime, now)
         self.stats["app_bytes_sent"] += len(data)
 
     def _enqueue(self, data: bytes, messages: bool) -> None:
@@ -320,6 +333,7 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
             self._persist_deadline,
             self._close_deadline,
             self._keepalive_deadline,
+            self._pr_timer(),
         ]
         if self._pace_deadline is not None and self._has_sendable():
             cands.append(self._pace_deadline)
@@ -456,6 +470,9 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
         elif t is PacketType.CLOSE:
             fresh = self._on_close(p)
             self._note_ack_eliciting(pn, now, fresh)
+        elif t is PacketType.FORWARD:
+            fresh = self._on_forward(p)
+            self._note_ack_eliciting(pn, now, fresh)
         else:  # PROBE
             self._note_ack_eliciting(pn, now, True)
             self._ack_now = True
@@ -502,6 +519,8 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
         ):
             self._send_ack(out, now)
         self._send_data(out, now)
+        if self._pr.pending and self._pr_forward_due(now):
+            self._send_forward(out, now)
         if self._close_requested and not self._unsent and self._close_final is None:
             self._close_final = self._snd_nxt
             self._close_due = True

@@ -153,6 +153,7 @@ class HandshakeMixin:
         old_max_payload = self._max_payload
         self._max_payload = min(self.config.max_datagram_size, peer_mds) - wire.DATA_OVERHEAD
         self._reframe_unsent(old_max_payload)
+        self._pr_setup()
 
     def _offers_messages(self) -> bool:
         """Before negotiation: does our first offer use message framing?"""

@@ -24,7 +24,7 @@ U32 = 1 << 32
 
 
 _ESTABLISHED_TYPES = frozenset(
-    (PacketType.DATA, PacketType.ACK, PacketType.CLOSE, PacketType.PROBE)
+    (PacketType.DATA, PacketType.ACK, PacketType.CLOSE, PacketType.PROBE, PacketType.FORWARD)
 )
 
 

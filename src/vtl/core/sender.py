@@ -55,6 +55,9 @@ class SenderMixin:
                 seg = self._outstanding.get(seq)
                 if seg is None:
                     continue
+                if self._pr.active and self._pr_should_abandon(seg, now):
+                    self._pr_abandon(seq)
+                    continue
                 if seg.sends > max_rtx:
                     self._reset_out = (ErrorCode.RETRANSMISSION_LIMIT, "retransmission limit")
                     self._terminate(
@@ -66,6 +69,8 @@ class SenderMixin:
                     return
                 retransmit = True
             elif self._unsent and self._snd_nxt < limit:
+                if self._pr.active and self._pr_skip_unsent(now):
+                    continue
                 seg = None
                 retransmit = False
             else:
@@ -99,6 +104,8 @@ class SenderMixin:
                 payload = bytes(payload)
                 self._unsent_bytes -= len(payload)
                 seg = Segment(self._snd_nxt, payload, flags)
+                if self._pr.active:
+                    self._pr_take(seg.seq, payload, flags)
                 self._outstanding[seg.seq] = seg
                 self._snd_nxt += 1
             else:

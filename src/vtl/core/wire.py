@@ -54,6 +54,7 @@ class PacketType(IntEnum):
     CLOSE = 7
     RESET = 8
     PROBE = 9
+    FORWARD = 11  # partial reliability: the sender abandoned data (core/partial.py)
 
 
 class DataFlags:
@@ -68,6 +69,12 @@ class AckFlags:
 
     CLOSE_ACKED = 0x01  # the peer's CLOSE has been received and all its data delivered
     HANDSHAKE_DONE = 0x02  # confirms the ACCEPT (third leg of the handshake)
+
+
+class ForwardFlags:
+    """Header flags of a FORWARD packet."""
+
+    MESSAGES = 0x01  # records name messages (id = message number), else stream byte ranges
 
 
 class HsFlags:
@@ -298,6 +305,32 @@ def decode_data(body: bytes) -> tuple[int, int, bytes]:
         raise WireError("DATA body too short")
     seq, una = DATA_PREFIX.unpack_from(body, 0)
     return seq, una, body[DATA_PREFIX.size :]
+
+
+FORWARD_FIXED = struct.Struct("!IH")  # new cumulative point, record count
+FORWARD_RECORD = struct.Struct("!IIQI")  # start seq, end seq (exclusive), id, bytes
+
+
+def encode_forward(new_cum: int, records: list[tuple[int, int, int, int]]) -> bytes:
+    """Body of FORWARD: everything below ``new_cum`` is received or abandoned;
+    ``records`` (start, end, id, bytes) describe the abandoned units."""
+    out = [FORWARD_FIXED.pack(new_cum % U32, len(records))]
+    out.extend(FORWARD_RECORD.pack(s % U32, e % U32, i % (1 << 64), b) for s, e, i, b in records)
+    return b"".join(out)
+
+
+def decode_forward(body: bytes) -> tuple[int, list[tuple[int, int, int, int]]]:
+    """Return (truncated new cum, [(truncated start, truncated end, id, bytes)])."""
+    if len(body) < FORWARD_FIXED.size:
+        raise WireError("FORWARD body too short")
+    cum, n = FORWARD_FIXED.unpack_from(body, 0)
+    if len(body) != FORWARD_FIXED.size + n * FORWARD_RECORD.size:
+        raise WireError("FORWARD record count does not match its length")
+    recs = [
+        FORWARD_RECORD.unpack_from(body, FORWARD_FIXED.size + i * FORWARD_RECORD.size)
+        for i in range(n)
+    ]
+    return cum, recs
 
 
 def encode_close(final_seq: int, una: int) -> bytes:
