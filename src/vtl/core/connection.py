@@ -29,6 +29,7 @@ from typing import Any
 from vtl.core import wire
 from vtl.core.composition import Composition
 from vtl.core.config import ConnectionConfig
+from vtl.core.coverage import CoverageMixin
 from vtl.core.errors import (
     CompositionError,
     ConnectionStateError,
@@ -64,7 +65,9 @@ from vtl.core.wire import AckFlags, DataFlags, HsField, PacketType
 from vtl.tfs.congestion.base import CongestionControl
 
 
-class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, PartialMixin):
+class Connection(
+    HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, PartialMixin, CoverageMixin
+):
     """One VTL connection (either end), driven without I/O."""
 
     def __init__(
@@ -453,6 +456,8 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, Part
             return
         if t not in _ESTABLISHED_TYPES:  # RECONFIGURE and handshake types
             raise WireError(f"unexpected {t.name} on an established connection")
+        if p.options:
+            self._check_coverage(p)
         pn = self._expand_pn_rx(p.pn)
         if pn > self._largest_pn_seen + MAX_PN_GAP:
             raise WireError("packet number implausibly far ahead")

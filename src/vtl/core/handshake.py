@@ -152,6 +152,7 @@ class HandshakeMixin:
         self._peer_window_limit = self._snd_una + self.flow.window
         old_max_payload = self._max_payload
         self._max_payload = min(self.config.max_datagram_size, peer_mds) - wire.DATA_OVERHEAD
+        self._setup_integrity(tfs.get("integrity"))
         self._reframe_unsent(old_max_payload)
         self._pr_setup()
 

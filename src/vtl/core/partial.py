@@ -99,10 +99,8 @@ class PartialMixin:
         if pr.decided and not pr.active:
             return
         t0 = now if now is not None else max(self._last_rx, self._last_tx)
-        if self.framing is not None:
-            messages = self.framing.messages
-        else:
-            messages = self._offers_messages()
+        framing = self.framing
+        messages = framing.messages if framing is not None else self._offers_messages()
         if not messages and size == 0:
             return
         pr.units.append(_Unit(pr.next_number, size, lifetime, t0))
@@ -310,10 +308,10 @@ class PartialMixin:
                 raise WireError("malformed FORWARD record")
             floor = end
             records.append((start, end, ident, size))
-        self._ack_now = True
         messages = bool(p.flags & ForwardFlags.MESSAGES)
         if messages != bool(self.framing.messages):
             raise WireError("FORWARD records do not match the framing")
+        self._ack_now = True
         lost_msgs: list[int] = []
         ranges: list[tuple[int, int]] = []
         nbytes = 0

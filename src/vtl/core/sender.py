@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 
 from vtl.core import wire
+from vtl.core.coverage import encode_data_covered
 from vtl.core.errors import ErrorCode
 from vtl.core.records import Segment, SentPacket
 
@@ -128,9 +129,21 @@ class SenderMixin:
         self._next_pn += 1
         seg.pn = pn
         seg.sends += 1
-        datagram = wire.encode_data(
-            self.peer_cid, self.local_cid, pn, seg.seq, self._snd_una, seg.payload, seg.flags
-        )
+        if self._coverage is None:
+            datagram = wire.encode_data(
+                self.peer_cid, self.local_cid, pn, seg.seq, self._snd_una, seg.payload, seg.flags
+            )
+        else:  # partial checksum coverage (core/coverage.py)
+            datagram = encode_data_covered(
+                self.peer_cid,
+                self.local_cid,
+                pn,
+                seg.seq,
+                self._snd_una,
+                seg.payload,
+                seg.flags,
+                self._coverage,
+            )
         size = len(datagram)
         if not self._bytes_in_flight:
             self._first_sent_time = now
