@@ -104,7 +104,9 @@ class _App:
         self.rate = rate  # bytes/s, None: read everything at once
         self.tokens = 0.0
         self.data = bytearray()
-        self.lifetime: float | None = None  # passed to every send() (partial reliability)
+        #: passed to send() (partial reliability): one for all, or one per message
+        self.lifetime: float | list[float | None] | None = None
+        self.sends = 0
         self.now = 0.0  # simulated time of the current turn
 
     def write(self, send_buffer: int | None, chunk: int) -> bool:
@@ -115,7 +117,11 @@ class _App:
         while self.to_send:
             if send_buffer is not None and conn.send_buffer_bytes >= send_buffer:
                 return wrote
-            life = {"lifetime": self.lifetime, "now": self.now} if self.lifetime else {}
+            lifetime = self.lifetime
+            if isinstance(lifetime, list):
+                lifetime = lifetime[self.sends] if self.sends < len(lifetime) else None
+            self.sends += 1
+            life = {"lifetime": lifetime, "now": self.now} if lifetime else {}
             if self.messages:
                 conn.send(self.to_send.pop(0), **life)
             else:
@@ -237,7 +243,7 @@ class Transfer:
         check: Callable[[Transfer], Any] | None = None,
         wrap_a: Callable[[EndpointCore], Any] | None = None,
         wrap_b: Callable[[EndpointCore], Any] | None = None,
-        lifetime_ab: float | None = None,
+        lifetime_ab: float | list[float | None] | None = None,
     ) -> None:
         self.net = SimNetwork(seed=seed)
         self.ep_a = EndpointCore(config_a or ConnectionConfig())
