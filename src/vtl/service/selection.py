@@ -79,6 +79,7 @@ TRAIT_KEYS: dict[str, str] = {
     "constant_rate": "sends at a fixed paced rate, parameter 'rate_mbps' (congestion role)",
     "scavenger": "yields to other traffic, less than best effort (congestion role)",
     "encrypted": "protects confidentiality and integrity of the payload (any role)",
+    "partial_checksum": "delivers payload damaged past its checksum coverage (integrity role)",
 }
 
 # What we know of the built-in congestion controllers beyond their classes.
@@ -136,6 +137,8 @@ def _tf_traits(cls: type) -> dict[str, Any]:
         t["ordered"] = bool(getattr(cls, "ordered", True))
     elif role == "framing":
         t["messages"] = bool(getattr(cls, "messages", False))
+    elif role == "integrity":
+        t["partial_checksum"] = False
     declared = getattr(cls, "SERVICE_TRAITS", None)
     if isinstance(declared, dict):
         t.update(declared)
@@ -156,6 +159,7 @@ class CompositionTraits:
     constant_rate: bool
     scavenger: bool
     encrypted: bool
+    full_checksum: bool = True
 
     @classmethod
     def of(cls, composition: Composition, registry: Registry) -> CompositionTraits:
@@ -176,6 +180,7 @@ class CompositionTraits:
             constant_rate=bool(merged.get("constant_rate", False)),
             scavenger=bool(merged.get("scavenger", False)),
             encrypted=encrypted,
+            full_checksum=not merged.get("partial_checksum", False),
         )
 
 
@@ -254,6 +259,12 @@ _PROPERTY_TRAITS: dict[str, tuple[str, str | None, str, str]] = {
         "congestion",
         "backs off on congestion",
         "does not react to congestion",
+    ),
+    "full_checksum_recv": (
+        "full_checksum",
+        "integrity",
+        "checks every byte received",
+        "delivers payload damaged past its checksum coverage",
     ),
     "security": (
         "encrypted",
@@ -574,11 +585,11 @@ class Selector:
                 out.append(Composition.from_dict(data).validate(self.registry))
             except CompositionError:
                 # a parameter we chose does not fit this TF: fall back to its defaults
-                out.append(
-                    Composition.from_dict(dict(zip(ROLES, names, strict=True))).validate(
-                        self.registry
-                    )
-                )
+                try:
+                    plain = Composition.from_dict(dict(zip(ROLES, names, strict=True)))
+                except CompositionError:
+                    continue  # TFs that cannot be combined (integrity=partial + security)
+                out.append(plain.validate(self.registry))
         return out
 
     def _params_for(self, role: str, name: str) -> tuple[dict[str, Any], list[str]]:
@@ -659,6 +670,9 @@ class Selector:
                     f"{name} tuned to yield (beta {out['beta']}, small initial window): "
                     "an approximation of a scavenger, no LEDBAT-like TF is installed"
                 )
+        elif role == "integrity" and "coverage" in params and p.recv_checksum_len is not None:
+            out["coverage"] = clamp(p.recv_checksum_len, 0, "coverage")
+            notes.append(f"{name} coverage {out['coverage']} bytes from recv_checksum_len")
         elif role == "flow" and "window" in params and bdp is not None:
             segs, src = bdp
             out["window"] = clamp(4 * segs, 64, "window")
@@ -725,6 +739,13 @@ class Selector:
                 "mechanism:recovery",
                 q * W_MECHANISM,
                 f"reliability={rel} {_RECOVERY_TEXT.get(t.recovery, '')}{loss}",
+            )
+        if t.partial_reliability and p.per_msg_reliability is Preference.NO_PREFERENCE:
+            add(
+                "mechanism:partial",
+                -2.5 * W_MECHANISM,
+                f"reliability={rel} may give up on data, which nobody asked for "
+                "(per_msg_reliability not specified)",
             )
         if t.congestion_controlled:
             add(
