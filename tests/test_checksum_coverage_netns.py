@@ -76,8 +76,7 @@ def test_damaged_payload_delivered_only_with_partial_coverage(net, family: int) 
     assert sent["endpoint"]["udp_checksum_off"] == got["endpoint"]["udp_checksum_off"] == 1
     # fewer resends: only damage to the UDP/VTL headers still costs a packet
     assert (
-        sent["connection"]["retransmissions"]
-        < results["full"][0]["connection"]["retransmissions"]
+        sent["connection"]["retransmissions"] < results["full"][0]["connection"]["retransmissions"]
     )
     print(
         f"IPv{family}: {corrupted} packets corrupted; retransmissions full "
