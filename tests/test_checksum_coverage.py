@@ -142,3 +142,21 @@ def test_default_integrity_is_left_out_of_compositions() -> None:
     assert part.to_dict()["integrity"] == {"name": "partial", "coverage": "8"}
     with pytest.raises(CompositionError):
         Composition.parse("integrity=partial(coverage=-1)").validate()
+
+
+def test_partially_covered_offer_is_refused() -> None:
+    from vtl.core.config import ConnectionConfig
+    from vtl.core.connection import Connection
+    from vtl.core.endpoint import EndpointCore
+    from vtl.core.wire import OptionType
+
+    client = Connection(is_client=True, offers=[Composition.parse("integrity=partial")])
+    client.connect(0.0)
+    offer = wire.decode(client.datagrams_to_send(0.0)[0])
+    forged = wire.encode(
+        PacketType.OFFER, 0, offer.scid, offer.pn, offer.body,
+        options={OptionType.CHECKSUM_COVERAGE: (0).to_bytes(2, "big")},
+    )  # fmt: skip
+    server = EndpointCore(ConnectionConfig(), listen=True)
+    server.receive(forged, ADDR_A, 0.0)
+    assert server.drops["malformed_offer"] == 1 and not server.connections

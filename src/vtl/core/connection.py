@@ -420,6 +420,8 @@ class Connection(
                 self._handshake_failed(ErrorCode.PROTOCOL_VIOLATION, str(exc))
 
     def _receive(self, p: wire.Packet, size: int, now: float) -> None:
+        if p.options:
+            self._check_coverage(p)  # partial checksum coverage only where agreed
         state = self.state
         if state is State.TERMINATED:
             self._receive_while_draining(p, now)
@@ -456,8 +458,6 @@ class Connection(
             return
         if t not in _ESTABLISHED_TYPES:  # RECONFIGURE and handshake types
             raise WireError(f"unexpected {t.name} on an established connection")
-        if p.options:
-            self._check_coverage(p)
         pn = self._expand_pn_rx(p.pn)
         if pn > self._largest_pn_seen + MAX_PN_GAP:
             raise WireError("packet number implausibly far ahead")

@@ -27,6 +27,8 @@ class HandshakeMixin:
         prepare an ACCEPT (possibly a counter-offer) or a REFUSE."""
         if self.is_client or self.state is not State.IDLE:
             raise ConnectionStateError("accept_offer() is for a new responding connection")
+        if packet.options:
+            self._check_coverage(packet)  # an OFFER is always fully covered
         self.peer_cid = packet.scid
         self._hs_started = now
         self._last_rx = now
