@@ -137,11 +137,12 @@ def test_builtin_traits_come_from_the_tf_classes():
             PathMeasurements(rtt_ms=40, loss_percent=2),
             dict(reliability="none", congestion="newreno"),
         ),
-        # ... but the same tolerance on a short path keeps retransmissions
+        # ... but the same tolerance on a short path keeps retransmissions, and
+        # gives up on what would still be late (partial reliability, lifetime 30 ms)
         (
             TransportProperties.qos(max_delay_ms=30, max_loss_percent=5),
             PathMeasurements(rtt_ms=5, loss_percent=2),
-            dict(reliability="selective-repeat"),
+            dict(reliability="partial"),
         ),
     ],
     ids=[
@@ -251,6 +252,17 @@ def test_unsatisfiable_names_the_property():
     with pytest.raises(SelectionError, match="per_msg_reliability=Require") as info:
         select(TransportProperties(per_msg_reliability="require", reliability="prohibit"))
     assert "per_msg_reliability" in info.value.properties
+
+
+def test_delay_target_with_tolerated_loss_sets_the_lifetime():
+    sel = select(
+        TransportProperties.qos(max_delay_ms=30, max_loss_percent=5),
+        PathMeasurements(rtt_ms=5, loss_percent=2),
+    )
+    assert sel.top.composition["reliability"].params["lifetime_ms"] == 30.0
+    # no tolerated loss: never gives up
+    sel = select(TransportProperties.qos(max_delay_ms=30), PathMeasurements(rtt_ms=5))
+    assert sel.top.composition["reliability"].name == "selective-repeat"
 
 
 def test_full_checksum_recv_avoid_selects_partial_coverage():

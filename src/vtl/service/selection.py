@@ -628,6 +628,16 @@ class Selector:
                     f"{name} window {out['window']} segments = {how} {src} x RTT "
                     f"({_fmt(segs)} segments of {self.payload} bytes)"
                 )
+            if (
+                traits.get("partial_reliability")
+                and "lifetime_ms" in params
+                and self._deadline_tolerant()
+            ):
+                out["lifetime_ms"] = float(p.max_delay_ms)  # type: ignore[arg-type]
+                notes.append(
+                    f"{name} lifetime_ms {out['lifetime_ms']:g} from max_delay_ms: data that "
+                    "cannot arrive in time is abandoned (max_loss_percent tolerates it)"
+                )
             if "min_rto" in params and traits.get("reliable") and self.latency_sensitive:
                 rtt = self.rtt_s
                 min_rto = max(0.01, 1.5 * rtt) if rtt is not None else 0.05
@@ -740,7 +750,11 @@ class Selector:
                 q * W_MECHANISM,
                 f"reliability={rel} {_RECOVERY_TEXT.get(t.recovery, '')}{loss}",
             )
-        if t.partial_reliability and p.per_msg_reliability is Preference.NO_PREFERENCE:
+        if (
+            t.partial_reliability
+            and p.per_msg_reliability is Preference.NO_PREFERENCE
+            and not self._deadline_tolerant()
+        ):
             add(
                 "mechanism:partial",
                 -2.5 * W_MECHANISM,
@@ -805,6 +819,9 @@ class Selector:
         if limit is None:
             return
         tag = f"max_loss_percent={limit:g}"
+        if t.partial_reliability and self._deadline_tolerant():
+            add("max_loss_percent", 0.0, f"{tag}: loses only what could not arrive in time")
+            return
         if t.reliable:
             add("max_loss_percent", 0.0, f"{tag}: reliable, residual loss 0%")
             return
@@ -886,6 +903,12 @@ class Selector:
                 f"at {loss:g}% loss",
             )
 
+    def _deadline_tolerant(self) -> bool:
+        """A delay target and some tolerated loss: partial reliability with
+        that lifetime fits (retransmit what arrives in time, drop the rest)."""
+        p = self.properties
+        return p.max_delay_ms is not None and (p.max_loss_percent or 0) > 0
+
     def _score_delay(self, comp, t: CompositionTraits, add) -> None:
         target = self.properties.max_delay_ms
         if target is None:
@@ -894,7 +917,22 @@ class Selector:
         key = "max_delay_ms"
         rtt_ms, loss = self.path.rtt_ms, self.path.loss_percent
         rel = comp["reliability"].name
-        if t.reliable:
+        if t.partial_reliability and self._deadline_tolerant():
+            if loss == 0 or (rtt_ms is not None and rtt_ms * 1.5 <= target):
+                add(
+                    key,
+                    W_QOS / 2,
+                    f"{tag}: reliability={rel} resends what still arrives in time and "
+                    "abandons the rest (loss is tolerated): nothing arrives late",
+                )
+            else:
+                add(
+                    key,
+                    0.0,
+                    f"{tag}: reliability={rel} would abandon every loss (a retransmission "
+                    "does not fit): no gain over sending once",
+                )
+        elif t.reliable:
             if rtt_ms is not None and rtt_ms * 1.5 <= target:
                 add(key, 0.0, f"{tag}: a retransmission (about {rtt_ms * 1.5:g} ms) still fits")
             elif loss == 0:
