@@ -274,3 +274,68 @@ def test_forward_refused_without_partial_reliability() -> None:
     result = t.run()
     assert injected == [1]
     assert result.clean and result.b.messages == msgs and not abandons(result.b)
+
+
+def _stream_messages(comp: str, loss: float, n: int = 400, lifetime: float = 0.15):
+    """Messages of 1000 bytes at 100/s over a 40 ms RTT path: (latencies of
+    the delivered ones by message number, reported-abandoned numbers, result)."""
+    import struct
+
+    from vtl.core.events import ConnectionTerminated, MessageReceived, PeerClosed
+    from vtl.sim.harness import Transfer
+
+    t = Transfer(
+        [Composition.parse(comp)],
+        forward=LinkConditions(delay=0.02, loss=loss),
+        close_a=None,
+        seed=1,
+        timeout=120.0,
+    )
+
+    def sender(i: int):
+        def act(tr: Transfer) -> None:
+            now = tr.net.now
+            tr.conn_a.send(struct.pack("!dI", now, i) + bytes(988), lifetime=lifetime, now=now)
+
+        return act
+
+    t.schedule = [(0.2 + i / 100, sender(i)) for i in range(n)]
+    t.schedule.append((0.2 + n / 100, lambda tr: tr.conn_a.close()))
+    app = t.app_b
+    latency: dict[int, float] = {}
+    lost: list[int] = []
+
+    def read(now: float, budget) -> bool:
+        took = False
+        while app.conn is not None and (event := app.conn.next_event()) is not None:
+            took = True
+            if isinstance(event, MessageReceived):
+                sent, i = struct.unpack("!dI", event.data[:12])
+                latency[i] = now - sent
+            else:
+                if isinstance(event, DataAbandoned):
+                    lost.extend(event.messages)
+                elif isinstance(event, ConnectionTerminated):
+                    app.result.terminated = event
+                elif isinstance(event, PeerClosed):
+                    app.result.peer_closed_at = now
+                app.result.events.append((now, event))
+        return took
+
+    app.read = read  # type: ignore[method-assign]
+    return latency, lost, t.run()
+
+
+def test_lifetime_bounds_delivery_delay_under_heavy_loss() -> None:
+    """10 % loss each way, more than NewReno sustains for this rate: with
+    partial reliability nothing is delivered much later than its lifetime
+    (plus the one-way delay of the FORWARD), everything else is reported,
+    and the close completes; selective repeat falls seconds behind."""
+    latency, lost, result = _stream_messages("reliability=partial framing=message", 0.10)
+    assert result.completed and result.clean
+    assert sorted(list(latency) + lost) == list(range(400))
+    assert max(latency.values()) <= 0.15 + 2 * 0.02 + 0.001
+    assert result.a.stats["messages_abandoned"] >= len(lost) > 0
+    sr_latency, sr_lost, _ = _stream_messages("reliability=selective-repeat framing=message", 0.10)
+    assert not sr_lost and len(sr_latency) == 400
+    assert max(sr_latency.values()) > 1.0

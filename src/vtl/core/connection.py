@@ -523,6 +523,8 @@ class Connection(
             or (self._ack_pending and self._ack_deadline is not None and now >= self._ack_deadline)
         ):
             self._send_ack(out, now)
+        if self._pr.expiry:
+            self._pr_expire(now)
         self._send_data(out, now)
         if self._pr.pending and self._pr_forward_due(now):
             self._send_forward(out, now)

@@ -22,6 +22,7 @@ A mixin of :class:`vtl.core.connection.Connection`: the engine calls the
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -65,10 +66,15 @@ class PrSendState:
     next_number: int = 0  # next message number / stream offset for send()
     current: _Unit | None = None  # message whose segments are being taken
     segs: dict[int, _SegInfo] = field(default_factory=dict)
+    expiry: list[tuple[float, int]] = field(default_factory=list)  # heap (deadline, seq)
+    #: abandoned segments whose last transmission is still in flight: their
+    #: ACK or loss still feeds congestion control
+    flying: dict[int, object] = field(default_factory=dict)
     pending: list[tuple[int, int, int, int]] = field(default_factory=list)
     peer_cum: int = 0
     fwd_sent_point: int = -1
     fwd_truncated: bool = False
+    fwd_pn: int = -1  # packet number of the last FORWARD
     fwd_deadline: float | None = None
 
 
@@ -134,7 +140,19 @@ class PartialMixin:
             pr.taken_bytes = end
             info = _SegInfo(None if deadline == float("-inf") else deadline, None, start, size)
         pr.segs[seq] = info
+        if info.deadline is not None:
+            heapq.heappush(pr.expiry, (info.deadline, seq))
         return info
+
+    def _pr_expire(self, now: float) -> None:
+        """Abandon sent data whose lifetime has passed, without waiting for
+        it to be declared lost: if it still arrives before the FORWARD it is
+        delivered (and not reported), else the receiver skips it."""
+        heap = self._pr.expiry
+        while heap and heap[0][0] <= now:
+            _, seq = heapq.heappop(heap)
+            if seq in self._outstanding:
+                self._pr_abandon(seq)
 
     def _pr_skip_unsent(self, now: float) -> bool:
         """Before sending the head of the unsent queue: abandon it, unsent,
@@ -212,9 +230,8 @@ class PartialMixin:
             if seg is None:
                 continue
             self.stats["segments_abandoned_tx"] += 1
-            sp = self._sent.pop(seg.pn, None)
-            if sp is not None and sp.in_flight:
-                self._bytes_in_flight -= sp.size
+            if seg.pn in self._sent:
+                pr.flying[s] = seg  # congestion control still learns its fate
             self._retx_set.discard(s)
         if unsent:
             self.stats["segments_abandoned_tx"] += 1
@@ -225,9 +242,18 @@ class PartialMixin:
             self._rto_deadline = None
             self._tlp_deadline = None
 
-    def _pr_on_ack(self, cum: int) -> None:
-        """The peer acknowledged everything below ``cum``."""
+    def _pr_on_ack(self, cum: int, sack: list[tuple[int, int]], acked: list) -> None:
+        """The peer acknowledged everything below ``cum`` and the ``sack``
+        ranges: abandoned segments among them count as delivered for
+        congestion control (added to ``acked``)."""
         pr = self._pr
+        if pr.flying:
+            for s, seg in list(pr.flying.items()):
+                if seg.pn not in self._sent:  # declared lost, or RTO
+                    del pr.flying[s]
+                elif s < cum or any(a <= s < b for a, b in sack):
+                    del pr.flying[s]
+                    self._segment_acked(seg, acked)
         if cum > pr.peer_cum:
             pr.peer_cum = cum
         if pr.pending:
@@ -250,6 +276,8 @@ class PartialMixin:
             not pr.fwd_truncated or pr.peer_cum >= pr.fwd_sent_point
         ):
             return True
+        if pr.fwd_pn >= 0 and pr.fwd_pn not in self._sent and pr.peer_cum < pr.fwd_sent_point:
+            return True  # loss detection gave the last FORWARD up: resend it now
         return pr.fwd_deadline is not None and now >= pr.fwd_deadline
 
     def _send_forward(self, out: list[bytes], now: float) -> None:
@@ -273,6 +301,7 @@ class PartialMixin:
         body = wire.encode_forward(point, records)
         datagram = self._pr_encode(PacketType.FORWARD, pn, body, flags)
         self._track_control(pn, len(datagram), now)
+        pr.fwd_pn = pn
         out.append(datagram)
         self._count_sent(len(datagram), now)
         self.stats["forwards_sent"] += 1
@@ -285,9 +314,10 @@ class PartialMixin:
 
     def _pr_timer(self) -> float | None:
         pr = self._pr
-        if pr.pending and self._snd_una > pr.peer_cum:
-            return pr.fwd_deadline
-        return None
+        due = pr.expiry[0][0] if pr.expiry else None
+        if pr.pending and self._snd_una > pr.peer_cum and pr.fwd_deadline is not None:
+            due = pr.fwd_deadline if due is None else min(due, pr.fwd_deadline)
+        return due
 
     # ---------------------------------------------------------- receiver
 
