@@ -19,16 +19,19 @@ class Integrity(TransportFunction):
 
 
 class FullChecksum(Integrity):
-    """CRC32C over the whole packet: any damage drops it (the default, and
-    what every packet type other than DATA always gets)."""
+    """CRC32C over the whole packet: any damage drops it (the default).
+
+    Every packet type other than DATA always gets it, whatever the TF."""
 
     NAME = "crc32c"
 
 
 class PartialChecksum(Integrity):
-    """UDP-Lite semantics: DATA packets carry a CHECKSUM_COVERAGE option and
-    the CRC32C covers the header, the DATA prefix and only the first
-    ``coverage`` payload bytes.  Damage past them is delivered to the
+    """UDP-Lite semantics: damage past the first ``coverage`` bytes is delivered.
+
+    DATA packets carry a CHECKSUM_COVERAGE option and the CRC32C covers the
+    header, the DATA prefix and only the first ``coverage`` payload bytes.
+    Damage past them is delivered to the
     application instead of dropping (and resending) the whole packet: for
     codecs that conceal bit errors better than they bear loss or delay.
     Incompatible with AEAD encryption (the ``security`` role), which

@@ -10,8 +10,10 @@ from vtl.tfs.reliability.selective_repeat import SelectiveRepeat
 
 
 class PartialReliability(SelectiveRepeat):
-    """Selective repeat whose sender abandons data instead of resending it
-    forever: after ``abandon_after`` retransmissions, or once its lifetime
+    """Selective repeat that may give up on data (partial reliability).
+
+    The sender abandons data instead of resending it forever: after
+    ``abandon_after`` retransmissions, or once its lifetime
     (``lifetime_ms``, or the message's own, ``send(..., lifetime=)``) has
     passed.  For media, telemetry and games, where late data is useless and
     waiting for it delays everything behind.  Whole messages are abandoned
