@@ -351,7 +351,7 @@ class PartialMixin:
                 continue  # reported by an earlier FORWARD
             mark = ident + 1 if messages else ident + size
             lo = max(start, rcv_next)
-            if lo >= end or all(s in self._rcv_ranges for s in range(lo, end)):
+            if lo >= end or self._rcv_ranges.covers(lo, end):
                 continue  # we have all of it: it is (or will be) delivered
             nbytes += size
             if messages:
