@@ -339,3 +339,42 @@ def test_lifetime_bounds_delivery_delay_under_heavy_loss() -> None:
     sr_latency, sr_lost, _ = _stream_messages("reliability=selective-repeat framing=message", 0.10)
     assert not sr_lost and len(sr_latency) == 400
     assert max(sr_latency.values()) > 1.0
+
+
+def test_malformed_forward_is_dropped_and_changes_nothing() -> None:
+    """Bad FORWARDs on a partial connection are counted drops; the transfer
+    stays byte-exact."""
+    from vtl.sim.harness import Transfer
+
+    msgs = [message(i, 2) for i in range(30)]
+    t = Transfer(
+        [Composition.parse("reliability=partial framing=message")],
+        data_ab=msgs,
+        forward=LinkConditions(delay=0.01),
+    )
+    drops: list[int] = []
+
+    def inject(tr: Transfer) -> None:
+        a, b = tr.conn_a, tr.conn_b
+        base = b._rcv_next
+        bodies = [
+            b"\x00\x01",  # truncated
+            wire.encode_forward(base + 2, [(base, base + 3, 0, 10)]),  # record past new_cum
+            wire.encode_forward(base + 2, [(base + 1, base + 1, 0, 10)]),  # empty record
+            wire.encode_forward(base + 4, [(base + 2, base + 3, 1, 5), (base, base + 1, 0, 5)]),
+            wire.encode_forward(base + (1 << 24), []),  # beyond the window
+            wire.encode_forward(base + 2, [])[:-1] + b"\x00\x00\x00",  # length mismatch
+        ]
+        for body in bodies:
+            pn = a._next_pn
+            a._next_pn += 1
+            dg = wire.encode(PacketType.FORWARD, a.peer_cid, a.local_cid, pn, body, 0x01)
+            before = b.stats["dropped_invalid"]
+            b.receive(dg, tr.net.now)
+            drops.append(b.stats["dropped_invalid"] - before)
+        assert b._rcv_next == base
+
+    t.schedule = [(0.05, inject)]
+    result = t.run()
+    assert drops == [1] * 6
+    assert result.clean and result.b.messages == msgs and not abandons(result.b)
