@@ -349,8 +349,10 @@ def check_message_properties(
         if not mp.reliable and traits.reliable:
             honoured["reliable"] = False
             notes["reliable"] = (
-                "sent reliably anyway: choosing reliability per message needs a "
-                "partial-reliability TF, which is not installed"
+                "sent reliably anyway: give the message a lifetime to let it be abandoned"
+                if traits.partial_reliability
+                else "sent reliably anyway: choosing reliability per message needs a "
+                "partial-reliability TF (reliability=partial, per_msg_reliability=Prefer)"
             )
         else:
             honoured["reliable"] = True
