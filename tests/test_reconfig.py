@@ -253,6 +253,7 @@ def test_roles_that_cannot_switch_live_are_refused_with_a_reason() -> None:
             ("frozen", "reliability=frozen-sr"),
             ("bad", "reliability=selective-repeat(window=0)"),
             ("syntax", "reliability=("),
+            ("integrity", "integrity=partial(coverage=0)"),
         ):
             rid = t.conn_a.reconfigure(change)
             refusals[key] = t.conn_a.reconfigure_outcome(rid)
@@ -270,7 +271,9 @@ def test_roles_that_cannot_switch_live_are_refused_with_a_reason() -> None:
     assert refusals["bad"].error_code == ErrorCode.RECONFIG_UNSUPPORTED
     assert "window" in refusals["bad"].reason
     assert refusals["syntax"].error_code == ErrorCode.RECONFIG_UNSUPPORTED
-    assert t.conn_a.stats["reconfigurations_refused"] == 5
+    # checksum coverage changes the payload size of packets in flight
+    assert refusals["integrity"].error_code == ErrorCode.RECONFIG_NOT_LIVE
+    assert t.conn_a.stats["reconfigurations_refused"] == 6
     assert t.conn_b.stats["reconfigurations_refused"] == 0  # nothing went on the wire
 
 

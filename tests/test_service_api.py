@@ -385,3 +385,28 @@ def test_example_runs(script):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip()
+
+
+async def test_message_lifetime_honoured_with_partial_reliability():
+    """per_msg_reliability=Prefer selects reliability=partial; msgLifetime is
+    then honoured and the messages arrive (nothing is lost on loopback)."""
+    props = TransportProperties.reliable_messages().with_(per_msg_reliability="prefer")
+    listener = await start_listener(props)
+    server = asyncio.create_task(echo_once(listener))
+    try:
+        conn = await Preconnection(remote=listener.local_address, properties=props).initiate(
+            timeout=5
+        )
+        assert conn.composition["reliability"].name == "partial"
+        report = await conn.send(b"fresh", MessageProperties(lifetime=5.0))
+        assert report.honoured == {"lifetime": True}
+        assert await conn.receive_message() == b"fresh"
+        assert conn.properties_honoured()["msg_lifetime"].honoured is True
+        assert conn.properties_honoured()["per_msg_reliability"].honoured is True
+        conn.close()
+        assert await conn.receive_message() is None
+        await conn.wait_closed()
+        await asyncio.wait_for(server, 10)
+    finally:
+        server.cancel()
+        await listener.close()

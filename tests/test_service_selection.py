@@ -137,11 +137,12 @@ def test_builtin_traits_come_from_the_tf_classes():
             PathMeasurements(rtt_ms=40, loss_percent=2),
             dict(reliability="none", congestion="newreno"),
         ),
-        # ... but the same tolerance on a short path keeps retransmissions
+        # ... but the same tolerance on a short path keeps retransmissions, and
+        # gives up on what would still be late (partial reliability, lifetime 30 ms)
         (
             TransportProperties.qos(max_delay_ms=30, max_loss_percent=5),
             PathMeasurements(rtt_ms=5, loss_percent=2),
-            dict(reliability="selective-repeat"),
+            dict(reliability="partial"),
         ),
     ],
     ids=[
@@ -238,11 +239,40 @@ def test_qos_targets_exclude_what_structurally_cannot_meet_them():
 # ---------------------------------------------------------- unsatisfiable
 
 
+def test_per_msg_reliability_selects_partial_reliability():
+    for pref in ("require", "prefer"):
+        sel = select(TransportProperties(per_msg_reliability=pref))
+        assert sel.top.composition["reliability"].name == "partial"
+        assert sel.top.traits.partial_reliability and sel.top.traits.reliable
+    # not asked for: never the first choice
+    assert select(TransportProperties()).top.composition["reliability"].name != "partial"
+
+
 def test_unsatisfiable_names_the_property():
     with pytest.raises(SelectionError, match="per_msg_reliability=Require") as info:
-        select(TransportProperties(per_msg_reliability="require"))
-    assert info.value.properties == ["per_msg_reliability"]
-    assert "partial-reliability" in str(info.value)
+        select(TransportProperties(per_msg_reliability="require", reliability="prohibit"))
+    assert "per_msg_reliability" in info.value.properties
+
+
+def test_delay_target_with_tolerated_loss_sets_the_lifetime():
+    sel = select(
+        TransportProperties.qos(max_delay_ms=30, max_loss_percent=5),
+        PathMeasurements(rtt_ms=5, loss_percent=2),
+    )
+    assert sel.top.composition["reliability"].params["lifetime_ms"] == 30.0
+    # no tolerated loss: never gives up
+    sel = select(TransportProperties.qos(max_delay_ms=30), PathMeasurements(rtt_ms=5))
+    assert sel.top.composition["reliability"].name == "selective-repeat"
+
+
+def test_full_checksum_recv_avoid_selects_partial_coverage():
+    sel = select(TransportProperties(full_checksum_recv="avoid", recv_checksum_len=64))
+    top = sel.top.composition
+    assert top["integrity"].name == "partial" and top["integrity"].params == {"coverage": 64}
+    assert not sel.top.traits.full_checksum
+    # the default (Require) never picks it
+    sel = select(TransportProperties())
+    assert all(c.composition["integrity"].name == "crc32c" for c in sel.ranked)
 
 
 def test_security_require_is_a_clear_error():
@@ -452,3 +482,9 @@ def test_message_properties_report_what_is_not_honoured():
     assert "partial reliability" in report.notes["lifetime"]
     assert set(report.not_honoured) == {"reliable", "lifetime", "priority"}
     assert check_message_properties(None, reliable, 3).all_honoured
+
+
+def test_message_lifetime_honoured_with_partial_reliability():
+    partial = _traits("reliability=partial framing=message")
+    report = check_message_properties(MessageProperties(lifetime=0.1), partial, 3)
+    assert report.honoured == {"lifetime": True}

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vtl.core.errors import CompositionError
-from vtl.core.registry import ROLES, Registry, default_registry
+from vtl.core.registry import OPTIONAL_ROLES, ROLES, Registry, default_registry
 
 DEFAULTS: dict[str, str] = {
     "reliability": "selective-repeat",
@@ -28,6 +28,7 @@ DEFAULTS: dict[str, str] = {
     "flow": "window",
     "framing": "stream",
     "fec": "none",
+    "integrity": "crc32c",  # optional role: left out unless given
 }
 
 
@@ -62,6 +63,8 @@ class Composition:
         for spec in self.specs:
             if spec.role == role:
                 return spec
+        if role in OPTIONAL_ROLES:
+            return TFSpec(role, DEFAULTS[role])
         raise KeyError(role)
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,8 +122,13 @@ class Composition:
             raise CompositionError(f"unknown role(s) {sorted(unknown)}; roles are {list(ROLES)}")
         specs = []
         for role in ROLES:
-            specs.append(_spec(role, data.get(role, DEFAULTS[role])))
-        return cls(tuple(specs))
+            spec = _spec(role, data.get(role, DEFAULTS[role]))
+            if role in OPTIONAL_ROLES and spec == TFSpec(role, DEFAULTS[role]):
+                continue  # the default of an optional role is left out
+            specs.append(spec)
+        comp = cls(tuple(specs))
+        _check_compatible(comp)
+        return comp
 
     @classmethod
     def from_toml(cls, text: str) -> Composition:
@@ -186,6 +194,17 @@ def _split_items(text: str) -> list[str]:
     if cur:
         items.append("".join(cur))
     return items
+
+
+def _check_compatible(comp: Composition) -> None:
+    """Refuse combinations of roles that contradict each other."""
+    names = {spec.role: spec.name for spec in comp.specs}
+    security = names.get("security")
+    if names.get("integrity") == "partial" and security not in (None, "none"):
+        raise CompositionError(
+            f"integrity=partial cannot be combined with security={security}: AEAD "
+            "encryption authenticates every byte, so damaged payload is never delivered"
+        )
 
 
 def _spec(role: str, value: Any) -> TFSpec:

@@ -29,6 +29,7 @@ from typing import Any
 from vtl.core import isolation, wire
 from vtl.core.composition import Composition
 from vtl.core.config import ConnectionConfig
+from vtl.core.coverage import CoverageMixin
 from vtl.core.errors import (
     CompositionError,
     ConnectionStateError,
@@ -43,6 +44,7 @@ from vtl.core.events import (
 )
 from vtl.core.fec import FecMixin
 from vtl.core.handshake import HandshakeMixin
+from vtl.core.partial import PartialMixin, PrSendState
 from vtl.core.ranges import RangeSet
 from vtl.core.receiver import ReceiverMixin
 from vtl.core.reconfig import ReconfigMixin, ReconfigState
@@ -66,7 +68,14 @@ from vtl.tfs.congestion.base import CongestionControl
 
 
 class Connection(
-    HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin, FecMixin, ReconfigMixin
+    HandshakeMixin,
+    ReceiverMixin,
+    RecoveryMixin,
+    SenderMixin,
+    FecMixin,
+    ReconfigMixin,
+    PartialMixin,
+    CoverageMixin,
 ):
     """One VTL connection (either end), driven without I/O."""
 
@@ -108,6 +117,12 @@ class Connection(
             "dropped_invalid": 0,
             "invalid_ack_echo": 0,
             "segments_abandoned": 0,
+            "segments_abandoned_tx": 0,  # partial reliability: sender gave up
+            "messages_abandoned": 0,
+            "bytes_abandoned": 0,
+            "forwards_sent": 0,
+            "messages_abandoned_rx": 0,  # ... and what the peer told us
+            "bytes_abandoned_rx": 0,
             "app_bytes_sent": 0,
             "app_bytes_delivered": 0,
             "tf_failures": 0,
@@ -202,6 +217,7 @@ class Connection(
         self._reconf_deadline: float | None = None
         self._flow_window_bound = 0  # ACK windows up to this are valid too
         self.peer_inventory: dict[str, dict[str, list[str]]] = {}  # from the handshake
+        self._pr = PrSendState()  # partial reliability (core/partial.py)
 
     # ================================================================ API
 
@@ -249,9 +265,13 @@ class Connection(
             return self.framing.params["max_message_size"]
         return 1 << 30
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, *, lifetime: float | None = None, now: float | None = None) -> None:
         """Queue application data: stream bytes, or one whole message with
-        message framing.  Allowed before the handshake completes."""
+        message framing.  Allowed before the handshake completes.
+        ``lifetime`` (s, from ``now``) lets a partially reliable composition
+        abandon the data once it has passed (other compositions ignore it)."""
+        if lifetime is not None and not lifetime > 0:
+            raise ConnectionStateError(f"lifetime must be > 0 seconds, got {lifetime!r}")
         if self._close_requested:
             raise ConnectionStateError("cannot send after close()")
         if self.state is State.TERMINATED:
@@ -263,6 +283,7 @@ class Connection(
                 f"message of {len(data)} bytes exceeds max_message_size {self.max_message_size}"
             )
         self._enqueue(data, messages)
+        self._pr_note_send(len(data), lifetime, now)
         self.stats["app_bytes_sent"] += len(data)
 
     def _enqueue(self, data: bytes, messages: bool) -> None:
@@ -347,6 +368,7 @@ class Connection(
             self._keepalive_deadline,
             self._fec_deadline,
             self._reconf_deadline,
+            self._pr_timer(),
         ]
         if self._pace_deadline is not None and self._has_sendable():
             cands.append(self._pace_deadline)
@@ -440,6 +462,8 @@ class Connection(
             self._tf_failed(exc, "receive")
 
     def _receive(self, p: wire.Packet, size: int, now: float) -> None:
+        if p.options:
+            self._check_coverage(p)  # partial checksum coverage only where agreed
         state = self.state
         if state is State.TERMINATED:
             self._receive_while_draining(p, now)
@@ -501,6 +525,9 @@ class Connection(
             self._on_repair(p, pn, now)
         elif t is PacketType.RECONFIGURE:
             self._on_reconfigure(p, now)
+        elif t is PacketType.FORWARD:
+            fresh = self._on_forward(p)
+            self._note_ack_eliciting(pn, now, fresh)
         else:  # PROBE
             self._note_ack_eliciting(pn, now, True)
             self._ack_now = True
@@ -558,9 +585,13 @@ class Connection(
             self._send_ack(out, now)
         if self._reconf.outbox:
             self._send_reconfigure(out, now)
+        if self._pr.expiry:
+            self._pr_expire(now)
         self._send_data(out, now)
         if self.fec_tx is not None:
             self._fec_flush(out, now)
+        if self._pr.pending and self._pr_forward_due(now):
+            self._send_forward(out, now)
         if self._close_requested and not self._unsent and self._close_final is None:
             self._close_final = self._snd_nxt
             self._close_due = True

@@ -45,10 +45,16 @@ class MessageReceived(Event):
 
 @dataclass
 class DataAbandoned(Event):
-    """Segments the sender gave up on (unreliable compositions): the
-    application knows there is a gap instead of waiting for it."""
+    """Segments the sender gave up on (unreliable or partially reliable
+    compositions): the application knows there is a gap instead of waiting
+    for it.  With partial reliability the sender also says what it was:
+    ``bytes`` abandoned, the ``messages`` (their numbers: the n-th message
+    the peer sent, from 0) or the stream byte ``ranges`` (offset, length)."""
 
     segments: int
+    bytes: int = 0
+    messages: tuple[int, ...] = ()
+    ranges: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass

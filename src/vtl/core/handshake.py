@@ -27,6 +27,8 @@ class HandshakeMixin:
         prepare an ACCEPT (possibly a counter-offer) or a REFUSE."""
         if self.is_client or self.state is not State.IDLE:
             raise ConnectionStateError("accept_offer() is for a new responding connection")
+        if packet.options:
+            self._check_coverage(packet)  # an OFFER is always fully covered
         self.peer_cid = packet.scid
         self._hs_started = now
         self._last_rx = now
@@ -164,8 +166,10 @@ class HandshakeMixin:
         self._peer_window_limit = self._snd_una + self.flow.window
         old_max_payload = self._max_payload
         self._max_payload = min(self.config.max_datagram_size, peer_mds) - wire.DATA_OVERHEAD
-        self._fec_adopt(tfs["fec"])
+        self._setup_integrity(tfs.get("integrity"))
+        self._fec_adopt(tfs.get("fec"))
         self._reframe_unsent(old_max_payload)
+        self._pr_setup()
 
     def _offers_messages(self) -> bool:
         """Before negotiation: does our first offer use message framing?"""

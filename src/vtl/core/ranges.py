@@ -27,6 +27,13 @@ class RangeSet:
         i = bisect_right(self._starts, x) - 1
         return i >= 0 and x < self._ends[i]
 
+    def covers(self, start: int, end: int) -> bool:
+        """Whether every integer of ``[start, end)`` is in the set."""
+        if start >= end:
+            return True
+        i = bisect_right(self._starts, start) - 1
+        return i >= 0 and end <= self._ends[i]
+
     def add(self, start: int, end: int) -> list[tuple[int, int]]:
         """Add ``[start, end)``; return the sub-ranges that were not there."""
         if start >= end:

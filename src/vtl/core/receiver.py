@@ -39,8 +39,7 @@ class ReceiverMixin:
         una = wire.expand(tuna, rcv_next)
         if len(payload) > self._max_payload + self._rx_payload_slack:
             raise WireError("segment larger than negotiated")
-        if una > rcv_next:
-            self._check_una(una)
+        if una > rcv_next and self._check_una(una):
             self._skip_to(una)
             rcv_next = self._rcv_next
         if seq < rcv_next or seq in self._rcv_ranges:
@@ -81,13 +80,17 @@ class ReceiverMixin:
         self._check_eof()
         return True
 
-    def _check_una(self, una: int) -> None:
-        """The sender says it abandoned everything below ``una`` (> rcv_next)."""
+    def _check_una(self, una: int) -> bool:
+        """The sender says it abandoned everything below ``una`` (> rcv_next):
+        return whether to skip there (partial reliability skips on FORWARD)."""
+        if getattr(self.reliability, "abandons", False):
+            return False  # FORWARD, which also says what was abandoned, skips
         if self.reliability.reliable:
             # a reliable sender's UNA never passes what we acknowledged
             raise WireError("reliable sender's UNA skips data we never received")
         if una > self._window_limit or (self._peer_final is not None and una > self._peer_final):
             raise WireError("sender UNA beyond our advertised window")
+        return True
 
     def _pull_contiguous(self) -> None:
         """Advance rcv_next over segments already received above it."""
@@ -139,7 +142,7 @@ class ReceiverMixin:
         parts = [buf.pop(s)[0] for s in range(start, end + 1)]
         self._queue_message(b"".join(parts), len(parts))
 
-    def _skip_to(self, una: int) -> None:
+    def _skip_to(self, una: int, report: bool = True) -> int:
         """The sender abandoned every segment we lack below ``una``."""
         missing = 0
         cur = self._rcv_next
@@ -169,7 +172,9 @@ class ReceiverMixin:
         self._pull_contiguous()
         if missing:
             self.stats["segments_abandoned"] += missing
-            self._events.append(DataAbandoned(missing))
+            if report:
+                self._events.append(DataAbandoned(missing))
+        return missing
 
     def _drop_broken_messages(self, gap_start: int, gap_end: int) -> None:
         """Unordered messages: drop the pieces of messages that lost a part."""
@@ -238,8 +243,7 @@ class ReceiverMixin:
             raise WireError("CLOSE contradicts the final sequence announced before")
         if una > final:
             raise WireError("CLOSE with UNA beyond its final sequence")
-        if una > rcv_next:
-            self._check_una(una)
+        if una > rcv_next and self._check_una(una):
             self._skip_to(una)
         fresh = self._peer_final is None
         self._peer_final = final

@@ -35,10 +35,11 @@ from enum import IntEnum
 from typing import Any
 
 from vtl.core import wire
-from vtl.core.composition import _ITEM, Composition, _split_items
+from vtl.core.composition import _ITEM, Composition, TFSpec, _split_items
 from vtl.core.errors import CompositionError, ConnectionStateError, ErrorCode, WireError
 from vtl.core.events import Event, ReconfigureDone, ReconfigureRefused
 from vtl.core.records import U32, State
+from vtl.core.registry import ROLES
 from vtl.core.wire import HsField, PacketType
 
 
@@ -129,6 +130,18 @@ def merge_composition(current: Composition, change: Composition | dict | str) ->
             role = m.group("role")
             data[role] = parsed[role].to_dict()
     return Composition.from_dict(data)
+
+
+def _all_specs(comp: Composition) -> list[TFSpec]:
+    """Every role's spec, optional roles left at their default included (a
+    switch back to the default must reach the running TF too)."""
+    out = []
+    for role in ROLES:
+        try:
+            out.append(comp[role])
+        except KeyError:
+            continue
+    return out
 
 
 def switch_refusal(role: str, old_cls: type | None, new_cls: type) -> str | None:
@@ -237,7 +250,7 @@ class ReconfigMixin:
             missing = comp.satisfiable_by(self.peer_inventory)
             if missing:
                 return ErrorCode.RECONFIG_UNSUPPORTED, f"the peer lacks {', '.join(missing)}"
-        for spec in comp.specs:
+        for spec in _all_specs(comp):
             try:
                 old_spec = self.composition[spec.role]
             except KeyError:
@@ -422,13 +435,15 @@ class ReconfigMixin:
         ex.committed = True
         ex.switch_seq = self._snd_nxt
         old = self.composition
-        for spec in ex.composition.specs:
+        for spec in _all_specs(ex.composition):
             try:
                 if old[spec.role] == spec:
                     continue
             except KeyError:
                 pass
-            new = ex.tfs[spec.role]
+            new = ex.tfs.get(spec.role)
+            if new is None:  # an optional role back to its default (left out of specs)
+                new = self.registry.get(spec.role, spec.name, spec.version)(spec.params)
             if spec.role == "flow":
                 # from now on the peer may advertise either window
                 self._flow_window_bound = max(

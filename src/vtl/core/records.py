@@ -31,6 +31,7 @@ _ESTABLISHED_TYPES = frozenset(
         PacketType.PROBE,
         PacketType.REPAIR,
         PacketType.RECONFIGURE,
+        PacketType.FORWARD,
     )
 )
 

@@ -76,6 +76,7 @@ class RecoveryMixin:
                     if seg is not None:
                         self._segment_acked(seg, acked)
         self._advance_una()
+        self._pr_on_ack(cum, sack, acked)
         if len(outstanding) < n_outstanding:
             # new data acknowledged: the path delivers again, whether or not
             # this ACK gives an RTT sample (RFC 9002 resets the PTO backoff

@@ -15,7 +15,10 @@ from vtl.tfs.base import TransportFunction
 
 log = logging.getLogger(__name__)
 
-ROLES = ("reliability", "congestion", "ordering", "flow", "framing", "fec")
+ROLES = ("reliability", "congestion", "ordering", "flow", "framing", "fec", "integrity")
+#: roles a composition may leave out: they then take their default TF and
+#: are not written in the composition (so older compositions stay unchanged)
+OPTIONAL_ROLES = ("fec", "integrity")
 ENTRY_POINT_GROUP = "vtl.tfs"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 
 from vtl.core import wire
+from vtl.core.coverage import encode_data_covered
 from vtl.core.errors import ErrorCode
 from vtl.core.records import Segment, SentPacket
 
@@ -55,6 +56,9 @@ class SenderMixin:
                 seg = self._outstanding.get(seq)
                 if seg is None:
                     continue
+                if self._pr.active and self._pr_should_abandon(seg, now):
+                    self._pr_abandon(seq)
+                    continue
                 if seg.sends > max_rtx:
                     self._reset_out = (ErrorCode.RETRANSMISSION_LIMIT, "retransmission limit")
                     self._terminate(
@@ -66,6 +70,8 @@ class SenderMixin:
                     return
                 retransmit = True
             elif self._unsent and self._snd_nxt < limit:
+                if self._pr.active and self._pr_skip_unsent(now):
+                    continue
                 seg = None
                 retransmit = False
             else:
@@ -99,6 +105,8 @@ class SenderMixin:
                 payload = bytes(payload)
                 self._unsent_bytes -= len(payload)
                 seg = Segment(self._snd_nxt, payload, flags)
+                if self._pr.active:
+                    self._pr_take(seg.seq, payload, flags)
                 self._outstanding[seg.seq] = seg
                 self._snd_nxt += 1
             else:
@@ -123,9 +131,21 @@ class SenderMixin:
         self._next_pn += 1
         seg.pn = pn
         seg.sends += 1
-        datagram = wire.encode_data(
-            self.peer_cid, self.local_cid, pn, seg.seq, self._snd_una, seg.payload, seg.flags
-        )
+        if self._coverage is None:
+            datagram = wire.encode_data(
+                self.peer_cid, self.local_cid, pn, seg.seq, self._snd_una, seg.payload, seg.flags
+            )
+        else:  # partial checksum coverage (core/coverage.py)
+            datagram = encode_data_covered(
+                self.peer_cid,
+                self.local_cid,
+                pn,
+                seg.seq,
+                self._snd_una,
+                seg.payload,
+                seg.flags,
+                self._coverage,
+            )
         size = len(datagram)
         if not self._bytes_in_flight:
             self._first_sent_time = now

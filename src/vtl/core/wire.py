@@ -56,6 +56,7 @@ class PacketType(IntEnum):
     RESET = 8
     PROBE = 9
     REPAIR = 10  # FEC repair symbol over a block of DATA packets
+    FORWARD = 11  # partial reliability: the sender abandoned data (core/partial.py)
 
 
 class DataFlags:
@@ -70,6 +71,12 @@ class AckFlags:
 
     CLOSE_ACKED = 0x01  # the peer's CLOSE has been received and all its data delivered
     HANDSHAKE_DONE = 0x02  # confirms the ACCEPT (third leg of the handshake)
+
+
+class ForwardFlags:
+    """Header flags of a FORWARD packet."""
+
+    MESSAGES = 0x01  # records name messages (id = message number), else stream byte ranges
 
 
 class HsFlags:
@@ -332,6 +339,32 @@ def decode_repair(body: bytes) -> RepairFrame:
     if n == 0 or m == 0 or index >= m or n + m > 256:
         raise WireError("REPAIR block geometry out of range")
     return RepairFrame(first, n, m, index, scheme, body[REPAIR_FIXED.size :])
+
+
+FORWARD_FIXED = struct.Struct("!IH")  # new cumulative point, record count
+FORWARD_RECORD = struct.Struct("!IIQI")  # start seq, end seq (exclusive), id, bytes
+
+
+def encode_forward(new_cum: int, records: list[tuple[int, int, int, int]]) -> bytes:
+    """Body of FORWARD: everything below ``new_cum`` is received or abandoned;
+    ``records`` (start, end, id, bytes) describe the abandoned units."""
+    out = [FORWARD_FIXED.pack(new_cum % U32, len(records))]
+    out.extend(FORWARD_RECORD.pack(s % U32, e % U32, i % (1 << 64), b) for s, e, i, b in records)
+    return b"".join(out)
+
+
+def decode_forward(body: bytes) -> tuple[int, list[tuple[int, int, int, int]]]:
+    """Return (truncated new cum, [(truncated start, truncated end, id, bytes)])."""
+    if len(body) < FORWARD_FIXED.size:
+        raise WireError("FORWARD body too short")
+    cum, n = FORWARD_FIXED.unpack_from(body, 0)
+    if len(body) != FORWARD_FIXED.size + n * FORWARD_RECORD.size:
+        raise WireError("FORWARD record count does not match its length")
+    recs = [
+        FORWARD_RECORD.unpack_from(body, FORWARD_FIXED.size + i * FORWARD_RECORD.size)
+        for i in range(n)
+    ]
+    return cum, recs
 
 
 def encode_close(final_seq: int, una: int) -> bytes:

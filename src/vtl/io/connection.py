@@ -138,10 +138,17 @@ class VtlConnection:
 
     # ------------------------------------------------------------ sending
 
-    async def send(self, data: bytes | bytearray | memoryview) -> None:
+    async def send(
+        self, data: bytes | bytearray | memoryview, *, lifetime: float | None = None
+    ) -> None:
         """Queue stream bytes, or one whole message with message framing.
-        Waits while more than ``high_water`` bytes are unacknowledged."""
+        Waits while more than ``high_water`` bytes are unacknowledged.
+        ``lifetime`` (s from now): a partially reliable composition abandons
+        the data once it has passed."""
         conn = self._conn
+        life = {}
+        if lifetime is not None:
+            life = {"lifetime": lifetime, "now": self._endpoint._loop.time()}
         flush = self._endpoint._schedule_flush
         if isinstance(data, memoryview):
             data = data.cast("B")
@@ -149,14 +156,14 @@ class VtlConnection:
         step = max(1, min(_SEND_PIECE, self.high_water // 2))
         if (framing is not None and framing.messages) or len(data) <= step:
             await self._wait_room(len(data))
-            conn.send(data)
+            conn.send(data, **life)
             flush()
             return
         view = memoryview(data)  # big writes enter the core piece by piece
         for pos in range(0, len(view), step):
             piece = view[pos : pos + step]
             await self._wait_room(len(piece))
-            conn.send(piece)
+            conn.send(piece, **life)
             flush()
 
     async def _wait_room(self, need: int) -> None:

@@ -77,6 +77,7 @@ class UdpEndpoint:
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
         self.counters = usock.counters
+        self._udp_checksum_off = False  # set once a connection uses partial coverage
         self._local_address = usock.local_address
         self._deployer: Any = None  # vtl.deploy.Deployer once enable_deployment() ran
         loop.add_reader(self._fd, self._on_readable)
@@ -394,6 +395,13 @@ class UdpEndpoint:
         except Exception as exc:
             self._internal_error("datagrams_to_send", exc)
             return
+        if not self._udp_checksum_off and any(
+            c._coverage is not None for c in self._core.connections.values()
+        ):
+            # partial checksum coverage: the UDP checksum would drop what VTL
+            # means to deliver (VTL's own CRC32C still guards the rest)
+            self._udp_checksum_off = True
+            self._sock.disable_udp_checksum()
         if out:
             sent = self._sock.send(out)
             if sent < len(out):

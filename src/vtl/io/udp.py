@@ -27,6 +27,9 @@ Address = tuple[Any, ...]
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)  # GSO: u16 segment size (setsockopt/cmsg)
 UDP_GRO = getattr(socket, "UDP_GRO", 104)  # GRO: int segment size in the cmsg
+SO_NO_CHECK = 11  # SOL_SOCKET: send IPv4 UDP without a checksum
+UDP_NO_CHECK6_TX = 101  # SOL_UDP: send IPv6 UDP with a zero checksum (RFC 6936)
+UDP_NO_CHECK6_RX = 102  # SOL_UDP: accept IPv6 UDP with a zero checksum
 
 MAX_GSO_SEGMENTS = 64  # kernel UDP_MAX_SEGMENTS
 MAX_GSO_BYTES = 65507 - 8  # one UDP datagram's payload, with room to spare for IPv6
@@ -99,6 +102,12 @@ class UdpSocket:
         self._view = memoryview(self._buf)
         self.gro = gro and self._enable_gro()
         self.gso = gso and self._probe_gso()
+        if self.family == socket.AF_INET6:
+            # a peer using partial checksum coverage sends with a zero UDP
+            # checksum (IPv4 accepts that anyway); every VTL packet carries
+            # its own CRC32C, so accepting it loses no protection
+            with contextlib.suppress(OSError):
+                sock.setsockopt(SOL_UDP, UDP_NO_CHECK6_RX, 1)
 
     # ------------------------------------------------------------ set-up
 
@@ -108,6 +117,25 @@ class UdpSocket:
         except OSError:
             return False
         return True
+
+    def disable_udp_checksum(self) -> bool:
+        """Send without the UDP checksum (and, over IPv6, accept datagrams
+        without one), so that a damaged datagram reaches VTL, whose CRC32C
+        decides (partial checksum coverage).  The kernel refuses GSO on such
+        a socket, so GSO is turned off.  Returns whether it worked."""
+        ok = False
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
+            ok = True
+        if self.family == socket.AF_INET6:
+            for opt in (UDP_NO_CHECK6_TX, UDP_NO_CHECK6_RX):
+                with contextlib.suppress(OSError):
+                    self.sock.setsockopt(SOL_UDP, opt, 1)
+                    ok = True
+        if ok:
+            self.gso = False
+            self.counters["udp_checksum_off"] = 1
+        return ok
 
     def _probe_gso(self) -> bool:
         """GSO works if the kernel knows the option (sends may still fail:

@@ -349,8 +349,10 @@ def check_message_properties(
         if not mp.reliable and traits.reliable:
             honoured["reliable"] = False
             notes["reliable"] = (
-                "sent reliably anyway: choosing reliability per message needs a "
-                "partial-reliability TF, which is not installed"
+                "sent reliably anyway: give the message a lifetime to let it be abandoned"
+                if traits.partial_reliability
+                else "sent reliably anyway: choosing reliability per message needs a "
+                "partial-reliability TF (reliability=partial, per_msg_reliability=Prefer)"
             )
         else:
             honoured["reliable"] = True
@@ -365,10 +367,14 @@ def check_message_properties(
             notes["ordered"] = "delivered in order anyway: the composition orders all data"
         else:
             honoured["ordered"] = True
-    if mp.lifetime is not None:
+    if mp.lifetime is not None and traits.partial_reliability:
+        honoured["lifetime"] = True
+        notes["lifetime"] = "abandoned (and the receiver told) if not delivered in time"
+    elif mp.lifetime is not None:
         honoured["lifetime"] = False
         notes["lifetime"] = (
-            "not honoured: expiring a message needs partial reliability (not installed); "
+            "not honoured: expiring a message needs partial reliability (reliability=partial, "
+            "selected by per_msg_reliability=Prefer); "
             "it is delivered whenever it arrives"
             + ("" if traits.reliable else " or lost, but never expired on purpose")
         )
@@ -473,6 +479,7 @@ class Connection:
             "per_msg_reliability": t.per_message_reliability,
             "congestion_control": t.congestion_controlled,
             "security": t.encrypted,
+            "full_checksum_recv": t.full_checksum,
         }
         for name in SELECTION_PROPERTIES:
             pref: Preference = getattr(self.properties, name)
@@ -493,13 +500,17 @@ class Connection:
         cand = self.selection.candidate(self._composition)
         for name in ("max_delay_ms", "min_throughput_mbps", "max_loss_percent"):
             out[name] = self._target_status(name, cand)
+        if t.partial_reliability:
+            out["msg_lifetime"] = PropertyStatus(
+                "msg_lifetime", "per message", "supported", True, "reliability=partial"
+            )
         for name, detail in (
-            ("msg_lifetime", "needs partial reliability (not installed)"),
+            ("msg_lifetime", "needs partial reliability (reliability=partial)"),
             ("msg_priority", "one send queue per connection"),
             ("msg_reliable", "per-message reliability needs partial reliability"),
             ("msg_ordered", "per-message ordering is not supported"),
         ):
-            out[name] = PropertyStatus(name, "per message", "unsupported", False, detail)
+            out.setdefault(name, PropertyStatus(name, "per message", "unsupported", False, detail))
         return out
 
     def _profile_status(self) -> PropertyStatus:
@@ -570,7 +581,10 @@ class Connection:
         honoured (raises :class:`MessagePropertyError` for a guarantee the
         composition cannot give).  Waits while the send buffer is full."""
         report = check_message_properties(message_properties, self.traits, len(data))
-        await self._vc.send(data)
+        lifetime = None
+        if report.honoured.get("lifetime"):
+            lifetime = message_properties.lifetime  # type: ignore[union-attr]
+        await self._vc.send(data, lifetime=lifetime)
         if message_properties is not None and message_properties.final:
             self._vc.close()
         if self._events_active:
@@ -647,11 +661,18 @@ class Connection:
                 return [ev.Received(b"", final=True)]
             return [ev.ReceivedPartial(b"", end_of_message=True, final=True)]
         if isinstance(event, DataAbandoned):
+            what = f"{event.segments} segment(s)"
+            if event.messages:
+                what = f"message(s) {list(event.messages)} ({event.bytes} bytes)"
+            elif event.ranges:
+                what = f"stream bytes {[(o, o + n) for o, n in event.ranges]}"
             return [
                 ev.ReceiveError(
-                    f"{event.segments} segment(s) lost and abandoned by the sender "
-                    "(unreliable composition)",
+                    f"{what} abandoned by the sender and never delivered",
                     event.segments,
+                    event.bytes,
+                    event.messages,
+                    event.ranges,
                 )
             ]
         if isinstance(event, ConnectionTerminated):

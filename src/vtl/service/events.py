@@ -86,11 +86,16 @@ class ReceivedPartial(ServiceEvent):
 @dataclass
 class ReceiveError(ServiceEvent):
     """Data will never arrive: the sender gave up on ``segments`` segments
-    (unreliable compositions)."""
+    (unreliable compositions), or, with partial reliability, on ``bytes``
+    bytes: the ``messages`` numbered so (the n-th message the peer sent,
+    from 0) or the stream byte ``ranges`` (offset, length)."""
 
     name: ClassVar[str] = "ReceiveError"
     reason: str
     segments: int = 0
+    bytes: int = 0
+    messages: tuple[int, ...] = ()
+    ranges: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass

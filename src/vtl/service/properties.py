@@ -99,6 +99,7 @@ SELECTION_PROPERTIES = (
     "per_msg_reliability",
     "congestion_control",
     "security",
+    "full_checksum_recv",
 )
 
 
@@ -110,6 +111,12 @@ class TransportProperties:
     ``"require"`` and bools are accepted too).  Defaults follow TAPS:
     reliability, preserve_order and congestion_control are *Required*,
     message boundaries and per-message reliability have *No Preference*.
+
+    ``full_checksum_recv`` (TAPS ``fullChecksumRecv``, default *Require*):
+    *Avoid* or *Prohibit* selects partial checksum coverage (integrity TF
+    ``partial``), which delivers payload damaged past the first
+    ``recv_checksum_len`` bytes (TAPS ``recvChecksumLen``; None: 0, only
+    the headers are covered) instead of dropping the packet.
 
     ``security`` has no TAPS selection-property equivalent (TAPS configures
     security separately); VTL has no encryption TF yet, so *Require* makes
@@ -128,12 +135,17 @@ class TransportProperties:
     per_msg_reliability: Preference = Preference.NO_PREFERENCE
     congestion_control: Preference = Preference.REQUIRE
     security: Preference = Preference.NO_PREFERENCE
+    full_checksum_recv: Preference = Preference.REQUIRE
     capacity_profile: CapacityProfile = CapacityProfile.DEFAULT
     max_delay_ms: float | None = None
     min_throughput_mbps: float | None = None
     max_loss_percent: float | None = None
+    recv_checksum_len: int | None = None
 
     def __post_init__(self) -> None:
+        cov = self.recv_checksum_len
+        if cov is not None and (isinstance(cov, bool) or not isinstance(cov, int) or cov < 0):
+            raise ValueError(f"recv_checksum_len must be an int >= 0 or None, got {cov!r}")
         for name in SELECTION_PROPERTIES:
             object.__setattr__(self, name, Preference.coerce(getattr(self, name)))
         object.__setattr__(self, "capacity_profile", CapacityProfile.coerce(self.capacity_profile))

@@ -79,6 +79,7 @@ TRAIT_KEYS: dict[str, str] = {
     "constant_rate": "sends at a fixed paced rate, parameter 'rate_mbps' (congestion role)",
     "scavenger": "yields to other traffic, less than best effort (congestion role)",
     "encrypted": "protects confidentiality and integrity of the payload (any role)",
+    "partial_checksum": "delivers payload damaged past its checksum coverage (integrity role)",
 }
 
 # What we know of the built-in congestion controllers beyond their classes.
@@ -141,6 +142,8 @@ def _tf_traits(cls: type) -> dict[str, Any]:
         t["ordered"] = bool(getattr(cls, "ordered", True))
     elif role == "framing":
         t["messages"] = bool(getattr(cls, "messages", False))
+    elif role == "integrity":
+        t["partial_checksum"] = False
     declared = getattr(cls, "SERVICE_TRAITS", None)
     if isinstance(declared, dict):
         t.update(declared)
@@ -161,6 +164,7 @@ class CompositionTraits:
     constant_rate: bool
     scavenger: bool
     encrypted: bool
+    full_checksum: bool = True
 
     @classmethod
     def of(cls, composition: Composition, registry: Registry) -> CompositionTraits:
@@ -181,6 +185,7 @@ class CompositionTraits:
             constant_rate=bool(merged.get("constant_rate", False)),
             scavenger=bool(merged.get("scavenger", False)),
             encrypted=encrypted,
+            full_checksum=not merged.get("partial_checksum", False),
         )
 
 
@@ -259,6 +264,12 @@ _PROPERTY_TRAITS: dict[str, tuple[str, str | None, str, str]] = {
         "congestion",
         "backs off on congestion",
         "does not react to congestion",
+    ),
+    "full_checksum_recv": (
+        "full_checksum",
+        "integrity",
+        "checks every byte received",
+        "delivers payload damaged past its checksum coverage",
     ),
     "security": (
         "encrypted",
@@ -581,11 +592,11 @@ class Selector:
                 out.append(Composition.from_dict(data).validate(self.registry))
             except CompositionError:
                 # a parameter we chose does not fit this TF: fall back to its defaults
-                out.append(
-                    Composition.from_dict(dict(zip(ROLES, names, strict=True))).validate(
-                        self.registry
-                    )
-                )
+                try:
+                    plain = Composition.from_dict(dict(zip(ROLES, names, strict=True)))
+                except CompositionError:
+                    continue  # TFs that cannot be combined (integrity=partial + security)
+                out.append(plain.validate(self.registry))
         return out
 
     def _params_for(self, role: str, name: str) -> tuple[dict[str, Any], list[str]]:
@@ -623,6 +634,16 @@ class Selector:
                 notes.append(
                     f"{name} window {out['window']} segments = {how} {src} x RTT "
                     f"({_fmt(segs)} segments of {self.payload} bytes)"
+                )
+            if (
+                traits.get("partial_reliability")
+                and "lifetime_ms" in params
+                and self._deadline_tolerant()
+            ):
+                out["lifetime_ms"] = float(p.max_delay_ms)  # type: ignore[arg-type]
+                notes.append(
+                    f"{name} lifetime_ms {out['lifetime_ms']:g} from max_delay_ms: data that "
+                    "cannot arrive in time is abandoned (max_loss_percent tolerates it)"
                 )
             if "min_rto" in params and traits.get("reliable") and self.latency_sensitive:
                 rtt = self.rtt_s
@@ -666,6 +687,9 @@ class Selector:
                     f"{name} tuned to yield (beta {out['beta']}, small initial window): "
                     "an approximation of a scavenger, no LEDBAT-like TF is installed"
                 )
+        elif role == "integrity" and "coverage" in params and p.recv_checksum_len is not None:
+            out["coverage"] = clamp(p.recv_checksum_len, 0, "coverage")
+            notes.append(f"{name} coverage {out['coverage']} bytes from recv_checksum_len")
         elif role == "flow" and "window" in params and bdp is not None:
             segs, src = bdp
             out["window"] = clamp(4 * segs, 64, "window")
@@ -733,6 +757,17 @@ class Selector:
                 q * W_MECHANISM,
                 f"reliability={rel} {_RECOVERY_TEXT.get(t.recovery, '')}{loss}",
             )
+        if (
+            t.partial_reliability
+            and p.per_msg_reliability is Preference.NO_PREFERENCE
+            and not self._deadline_tolerant()
+        ):
+            add(
+                "mechanism:partial",
+                -2.5 * W_MECHANISM,
+                f"reliability={rel} may give up on data, which nobody asked for "
+                "(per_msg_reliability not specified)",
+            )
         if t.congestion_controlled:
             add(
                 "mechanism:congestion",
@@ -791,6 +826,9 @@ class Selector:
         if limit is None:
             return
         tag = f"max_loss_percent={limit:g}"
+        if t.partial_reliability and self._deadline_tolerant():
+            add("max_loss_percent", 0.0, f"{tag}: loses only what could not arrive in time")
+            return
         if t.reliable:
             add("max_loss_percent", 0.0, f"{tag}: reliable, residual loss 0%")
             return
@@ -872,6 +910,12 @@ class Selector:
                 f"at {loss:g}% loss",
             )
 
+    def _deadline_tolerant(self) -> bool:
+        """A delay target and some tolerated loss: partial reliability with
+        that lifetime fits (retransmit what arrives in time, drop the rest)."""
+        p = self.properties
+        return p.max_delay_ms is not None and (p.max_loss_percent or 0) > 0
+
     def _score_delay(self, comp, t: CompositionTraits, add) -> None:
         target = self.properties.max_delay_ms
         if target is None:
@@ -880,7 +924,22 @@ class Selector:
         key = "max_delay_ms"
         rtt_ms, loss = self.path.rtt_ms, self.path.loss_percent
         rel = comp["reliability"].name
-        if t.reliable:
+        if t.partial_reliability and self._deadline_tolerant():
+            if loss == 0 or (rtt_ms is not None and rtt_ms * 1.5 <= target):
+                add(
+                    key,
+                    W_QOS / 2,
+                    f"{tag}: reliability={rel} resends what still arrives in time and "
+                    "abandons the rest (loss is tolerated): nothing arrives late",
+                )
+            else:
+                add(
+                    key,
+                    0.0,
+                    f"{tag}: reliability={rel} would abandon every loss (a retransmission "
+                    "does not fit): no gain over sending once",
+                )
+        elif t.reliable:
             if rtt_ms is not None and rtt_ms * 1.5 <= target:
                 add(key, 0.0, f"{tag}: a retransmission (about {rtt_ms * 1.5:g} ms) still fits")
             elif loss == 0:

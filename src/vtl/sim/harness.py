@@ -104,6 +104,10 @@ class _App:
         self.rate = rate  # bytes/s, None: read everything at once
         self.tokens = 0.0
         self.data = bytearray()
+        #: passed to send() (partial reliability): one for all, or one per message
+        self.lifetime: float | list[float | None] | None = None
+        self.sends = 0
+        self.now = 0.0  # simulated time of the current turn
 
     def write(self, send_buffer: int | None, chunk: int) -> bool:
         conn = self.conn
@@ -113,11 +117,16 @@ class _App:
         while self.to_send:
             if send_buffer is not None and conn.send_buffer_bytes >= send_buffer:
                 return wrote
+            lifetime = self.lifetime
+            if isinstance(lifetime, list):
+                lifetime = lifetime[self.sends] if self.sends < len(lifetime) else None
+            self.sends += 1
+            life = {"lifetime": lifetime, "now": self.now} if lifetime else {}
             if self.messages:
-                conn.send(self.to_send.pop(0))
+                conn.send(self.to_send.pop(0), **life)
             else:
                 head = self.to_send[0]
-                conn.send(head[:chunk])
+                conn.send(head[:chunk], **life)
                 if len(head) > chunk:
                     self.to_send[0] = head[chunk:]
                 else:
@@ -234,6 +243,7 @@ class Transfer:
         check: Callable[[Transfer], Any] | None = None,
         wrap_a: Callable[[EndpointCore], Any] | None = None,
         wrap_b: Callable[[EndpointCore], Any] | None = None,
+        lifetime_ab: float | list[float | None] | None = None,
     ) -> None:
         self.net = SimNetwork(seed=seed)
         self.ep_a = EndpointCore(config_a or ConnectionConfig())
@@ -246,6 +256,7 @@ class Transfer:
         self.offers = offers
         self.app_a = _App("a", data_ab, close_a, reader_rate_a)
         self.app_b = _App("b", data_ba, close_b, reader_rate_b)
+        self.app_a.lifetime = lifetime_ab
         self.timeout = timeout
         self.step = step
         self.send_buffer = send_buffer
@@ -263,6 +274,7 @@ class Transfer:
         return self.app_b.conn
 
     def _app_turn(self, app: _App, fast_only: bool) -> None:
+        app.now = self.net.now
         acted = app.write(self.send_buffer, self.write_chunk)
         if app.rate is None:
             acted |= app.read(self.net.now, None)

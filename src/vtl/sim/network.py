@@ -98,6 +98,9 @@ class LinkConditions:
     burst_loss: GilbertElliott | None = None
     duplicate: float = 0.0
     corrupt: float = 0.0
+    #: bytes of each datagram corruption may hit, as a slice ``(start, stop)``
+    #: (negative: from the end; None: anywhere); too short a datagram is spared
+    corrupt_range: tuple[int | None, int | None] | None = None
     reorder: float = 0.0
     reorder_delay: float = 0.01
     rate_bps: float | None = None
@@ -432,9 +435,11 @@ class SimNetwork:
             fate = "delivered+dup" if i else "delivered"
             payload = data
             if c.corrupt > 0 and size > 0 and rng.random() < c.corrupt:
-                payload = _flip_bits(data, rng)
-                st.corrupted += 1
-                fate += "+corrupt"
+                flipped = _flip_bits(data, rng, c.corrupt_range)
+                if flipped != data:
+                    payload = flipped
+                    st.corrupted += 1
+                    fate += "+corrupt"
             arrival = departure + c.delay
             if c.jitter > 0:
                 arrival = max(departure, arrival + rng.uniform(-c.jitter, c.jitter))
@@ -448,10 +453,20 @@ class SimNetwork:
             self._push(arrival, _DELIVER, (src, dst, payload, fate))
 
 
-def _flip_bits(data: bytes, rng: random.Random) -> bytes:
-    """Flip 1-3 distinct random bits, so the result always differs from ``data``."""
-    nbits = len(data) * 8
+def _flip_bits(
+    data: bytes, rng: random.Random, where: tuple[int | None, int | None] | None = None
+) -> bytes:
+    """Flip 1-3 distinct random bits (inside the byte slice ``where``), so the
+    result always differs from ``data`` unless the slice is empty."""
+    first = 0
+    stop = len(data)
+    if where is not None:
+        span = range(len(data))[slice(*where)]
+        if not span:
+            return data
+        first, stop = span.start, span.stop
+    nbits = (stop - first) * 8
     buf = bytearray(data)
     for bit in rng.sample(range(nbits), min(rng.randint(1, 3), nbits)):
-        buf[bit >> 3] ^= 1 << (bit & 7)
+        buf[first + (bit >> 3)] ^= 1 << (bit & 7)
     return bytes(buf)

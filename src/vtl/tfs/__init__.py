@@ -10,8 +10,8 @@ if TYPE_CHECKING:
 
 def register_builtins(registry: Registry) -> None:
     """Install every built-in TF into ``registry``."""
-    from vtl.tfs import congestion, fec, flow, framing, ordering, reliability
+    from vtl.tfs import congestion, fec, flow, framing, integrity, ordering, reliability
 
-    for module in (reliability, congestion, ordering, flow, framing, fec):
+    for module in (reliability, congestion, ordering, flow, framing, fec, integrity):
         for cls in module.BUILTIN:
             registry.register(cls)

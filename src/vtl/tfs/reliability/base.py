@@ -31,6 +31,8 @@ class Reliability(TransportFunction):
     buffers_out_of_order: ClassVar[bool] = True
     #: receiver reports selective-ack ranges
     sack: ClassVar[bool] = True
+    #: the sender may give up on data and tell the receiver (partial reliability)
+    abandons: ClassVar[bool] = False
 
     @classmethod
     def live_switch_refusal(cls, old: type) -> str | None:
