@@ -27,7 +27,12 @@ DEFAULTS: dict[str, str] = {
     "ordering": "ordered",
     "flow": "window",
     "framing": "stream",
+    "security": "none",
 }
+#: roles added after the first wire version: left out of ``to_dict()`` and
+#: ``str()`` while they hold their default, so peers that predate them still
+#: understand the composition
+OPTIONAL_ROLES = frozenset({"security"})
 
 
 @dataclass(frozen=True)
@@ -64,10 +69,13 @@ class Composition:
         raise KeyError(role)
 
     def to_dict(self) -> dict[str, Any]:
-        return {spec.role: spec.to_dict() for spec in self.specs}
+        return {spec.role: spec.to_dict() for spec in self._shown()}
 
     def __str__(self) -> str:
-        return " ".join(f"{s.role}={s}" for s in self.specs)
+        return " ".join(f"{s.role}={s}" for s in self._shown())
+
+    def _shown(self) -> list[TFSpec]:
+        return [s for s in self.specs if not _is_default_optional(s)]
 
     def replace(self, role: str, spec: TFSpec | str | dict) -> Composition:
         """A copy with one role changed (used by reconfiguration and
@@ -185,6 +193,15 @@ def _split_items(text: str) -> list[str]:
     if cur:
         items.append("".join(cur))
     return items
+
+
+def _is_default_optional(spec: TFSpec) -> bool:
+    return (
+        spec.role in OPTIONAL_ROLES
+        and spec.name == DEFAULTS[spec.role]
+        and spec.version is None
+        and not spec.params
+    )
 
 
 def _spec(role: str, value: Any) -> TFSpec:

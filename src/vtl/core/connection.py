@@ -58,6 +58,7 @@ from vtl.core.records import (
 from vtl.core.recovery import RecoveryMixin
 from vtl.core.registry import Registry, default_registry
 from vtl.core.rtt import RttEstimator
+from vtl.core.secure_handshake import ConnectionSecurity
 from vtl.core.sender import SenderMixin
 from vtl.core.wire import AckFlags, DataFlags, HsField, PacketType
 from vtl.tfs.congestion.base import CongestionControl
@@ -190,6 +191,7 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
         self._keepalive_deadline: float | None = None
         self._probe_due = False
         self._terminated_event_sent = False
+        self._sec = ConnectionSecurity(self)  # keys and hooks of security=aead
 
     # ================================================================ API
 
@@ -204,6 +206,7 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
             HsField.MAX_DATAGRAM: self.config.max_datagram_size.to_bytes(2, "big"),
             HsField.IDLE_TIMEOUT_MS: int(self.config.idle_timeout * 1000).to_bytes(4, "big"),
         }
+        fields.update(self._sec.offer_fields(self.offers))
         self._offer_fields = wire.encode_fields(fields)
         if len(self._offer_fields) + wire.OVERHEAD > self.config.max_datagram_size * 8:
             raise ConnectionStateError("offer too large")
@@ -388,10 +391,16 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
         except WireError:
             self.stats["dropped_invalid"] += 1
             return
-        self.receive_packet(packet, len(datagram), now)
+        self.receive_packet(packet, len(datagram), now, datagram)
 
-    def receive_packet(self, packet: wire.Packet, size: int, now: float) -> None:
-        """Process an already decoded packet (the endpoint decodes once)."""
+    def receive_packet(
+        self, packet: wire.Packet, size: int, now: float, datagram: bytes | None = None
+    ) -> None:
+        """Process an already decoded packet (the endpoint decodes once;
+        ``datagram``, its raw bytes, lets protection authenticate the header
+        exactly as received)."""
+        if self._sec.protection is not None and not self._sec.open(packet, datagram):
+            return
         try:
             self._receive(packet, size, now)
         except WireError:
@@ -482,7 +491,14 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
     # ============================================================ sending
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
-        """Everything this connection wants on the wire now."""
+        """Everything this connection wants on the wire now (protected by
+        the security TF once it has keys)."""
+        out = self._collect_datagrams(now)
+        if self._sec.protection is not None and out:
+            out = self._sec.seal(out)
+        return out
+
+    def _collect_datagrams(self, now: float) -> list[bytes]:
         out: list[bytes] = []
         state = self.state
         if state is State.TERMINATED:

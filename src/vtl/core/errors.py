@@ -48,3 +48,6 @@ class ErrorCode(IntEnum):
     ENDPOINT_CLOSING = 9
     UNKNOWN_CONNECTION = 10
     NOT_LISTENING = 11
+    PEER_NOT_TRUSTED = 16  # the peer's identity key is not among the trusted keys
+    AUTHENTICATION_FAILED = 17  # bad transcript signature or malformed security fields
+    SECURITY_UNAVAILABLE = 18  # security was negotiated but this side cannot provide it

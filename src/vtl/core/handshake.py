@@ -55,11 +55,15 @@ class HandshakeMixin:
             if self.config.acceptable is not None and not self.config.acceptable(comp):
                 reasons.append(f"offer {i}: not acceptable to this responder")
                 continue
+            why = self._sec.cannot_take(comp, fields)
+            if why is not None:
+                reasons.append(f"offer {i}: {why}")
+                continue
             chosen, index = comp, i
             break
         if chosen is None:
             for comp in self.config.counter_offers:
-                if not comp.satisfiable_by(inventory):
+                if not comp.satisfiable_by(inventory) and not self._sec.cannot_take(comp, fields):
                     chosen = comp
                     break
         self.state = State.ACCEPTING
@@ -79,7 +83,9 @@ class HandshakeMixin:
             HsField.MAX_DATAGRAM: self.config.max_datagram_size.to_bytes(2, "big"),
             HsField.CHOSEN: (255 if index is None else index).to_bytes(1, "big"),
         }
-        self._accept_fields = wire.encode_fields(fields_out)
+        self._accept_fields = self._sec.finish_accept(
+            chosen, packet, wire.encode_fields(fields_out)
+        )
         self._accept_flags = wire.HsFlags.COUNTER_OFFER if index is None else 0
         self._hs_pending = True
 
@@ -108,6 +114,11 @@ class HandshakeMixin:
                 self._handshake_failed(ErrorCode.COUNTER_OFFER_REJECTED, reason)
                 return
         self.peer_cid = p.scid
+        failure = self._sec.verify_accept(comp, p, fields)
+        if failure is not None:
+            self._reset_out = failure
+            self._handshake_failed(*failure)
+            return
         peer_isn = wire.field_int(fields, HsField.INITIAL_SEQ, 4)
         peer_mds = self._peer_max_datagram(fields)
         window = wire.field_int(fields, HsField.WINDOW, 4)
@@ -152,6 +163,7 @@ class HandshakeMixin:
         self._peer_window_limit = self._snd_una + self.flow.window
         old_max_payload = self._max_payload
         self._max_payload = min(self.config.max_datagram_size, peer_mds) - wire.DATA_OVERHEAD
+        self._max_payload -= tfs["security"].overhead  # the AEAD tag
         self._reframe_unsent(old_max_payload)
 
     def _offers_messages(self) -> bool:

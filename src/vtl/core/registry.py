@@ -15,7 +15,7 @@ from vtl.tfs.base import TransportFunction
 
 log = logging.getLogger(__name__)
 
-ROLES = ("reliability", "congestion", "ordering", "flow", "framing")
+ROLES = ("reliability", "congestion", "ordering", "flow", "framing", "security")
 ENTRY_POINT_GROUP = "vtl.tfs"
 
 

@@ -83,6 +83,7 @@ class OptionType(IntEnum):
     PADDING = 0x01
     TIMESTAMP = 0x02  # u64 microseconds, echoed for diagnostics
     CHECKSUM_COVERAGE = 0x81  # u16: CRC covers header + first N body bytes
+    PEER_AUTH = 0x20  # initiator's Ed25519 key + transcript signature (security TF)
 
 
 class HsField(IntEnum):
@@ -98,6 +99,9 @@ class HsField(IntEnum):
     RECONFIG_ID = 8  # u32
     SWITCH_SEQ = 9  # u32
     NONCE = 10  # u64, matches an ACCEPT to its OFFER
+    KEY_SHARE = 20  # 32-byte X25519 ephemeral public key (security TF)
+    IDENTITY = 21  # 32-byte Ed25519 static public key of the responder
+    SIGNATURE = 22  # Ed25519 signature of the handshake transcript (last field)
 
 
 @dataclass(slots=True)

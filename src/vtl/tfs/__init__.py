@@ -10,8 +10,8 @@ if TYPE_CHECKING:
 
 def register_builtins(registry: Registry) -> None:
     """Install every built-in TF into ``registry``."""
-    from vtl.tfs import congestion, flow, framing, ordering, reliability
+    from vtl.tfs import congestion, flow, framing, ordering, reliability, security
 
-    for module in (reliability, congestion, ordering, flow, framing):
+    for module in (reliability, congestion, ordering, flow, framing, security):
         for cls in module.BUILTIN:
             registry.register(cls)
