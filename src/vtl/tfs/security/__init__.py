@@ -41,9 +41,7 @@ class Aead(TransportFunction):
     SERVICE_TRAITS: ClassVar[dict] = {"encrypted": True}
     encrypted: ClassVar[bool] = True
     PARAMS = {
-        "cipher": Param(
-            str, "chacha20-poly1305", "AEAD algorithm", choices=tuple(sorted(CIPHERS))
-        ),
+        "cipher": Param(str, "chacha20-poly1305", "AEAD algorithm", choices=tuple(sorted(CIPHERS))),
         "mutual": Param(
             bool, False, "the initiator must authenticate too (its key trusted by the responder)"
         ),
