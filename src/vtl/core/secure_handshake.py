@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from vtl.core import wire
 from vtl.core.composition import Composition
-from vtl.core.errors import ErrorCode
+from vtl.core.errors import ErrorCode, WireError
 from vtl.core.protection import CIPHERS, IV_SIZE, UNPROTECTED, PacketProtection, ProtectionDrop
 from vtl.core.records import State
 from vtl.core.wire import HS_TLV, HsField, PacketType
@@ -165,11 +165,14 @@ class ConnectionSecurity:
         assert identity is not None
         peer_share = wire.decode_fields(offer.body)[HsField.KEY_SHARE]
         eph = X25519PrivateKey.generate()
+        try:
+            shared = eph.exchange(X25519PublicKey.from_public_bytes(peer_share))
+        except ValueError:  # a low-order point: the shared secret would be all zeros
+            raise WireError("invalid X25519 key share in the OFFER") from None
         accept += _tlv(HsField.KEY_SHARE, eph.public_key().public_bytes_raw())
         accept += _tlv(HsField.IDENTITY, public_bytes(identity))
         th = _transcript(offer.scid, self.conn.local_cid, offer.body, accept)
         signature = identity.sign(_LABEL + b" responder" + th)
-        shared = eph.exchange(X25519PublicKey.from_public_bytes(peer_share))
         params = _security_params(self.conn, comp)
         self.protection = _derive(params, shared, th, initiator=False)
         if params["mutual"]:
@@ -245,7 +248,10 @@ class ConnectionSecurity:
     def seal(self, out: list[bytes]) -> list[bytes]:
         prot = self.protection
         assert prot is not None
-        return [prot.seal(d) for d in out]
+        sealed = [prot.seal(d) for d in out]
+        # the engine counted the datagrams before sealing: add what sealing added
+        self.conn.stats["bytes_sent"] += sum(map(len, sealed)) - sum(map(len, out))
+        return sealed
 
     def open(self, packet: wire.Packet, datagram: bytes | None) -> bool:
         """Authenticate one received packet; False if it must be dropped
