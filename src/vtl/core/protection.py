@@ -21,6 +21,7 @@ corruption is still told apart from forgery.  The primitives are the
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 
 from crc32c import crc32c
@@ -46,6 +47,11 @@ CIPHERS: dict[str, tuple[int, Callable]] = {
 UNPROTECTED = frozenset((int(PacketType.OFFER), int(PacketType.ACCEPT), int(PacketType.REFUSE)))
 
 _U32 = 1 << 32
+_MASK32 = _U32 - 1
+_PN_OFFSET = 20  # pn, optlen, bodylen: the last 8 bytes of the common header
+_PN_LENS = struct.Struct("!IHH")
+_LENS_OFFSET = 24
+_LENS = struct.Struct("!HH")
 
 
 class ProtectionDrop(Exception):
@@ -125,25 +131,21 @@ class PacketProtection:
 
     def seal(self, datagram: bytes) -> bytes:
         """Protect one encoded datagram (unprotected types pass through)."""
-        version, ptype, flags, reserved, dcid, scid, tpn, optlen, bodylen = HEADER.unpack_from(
-            datagram, 0
-        )
+        ptype = datagram[1]
         if ptype in UNPROTECTED:
             return datagram
-        pn = wire.expand(tpn, self._tx_largest + 1)
+        tpn, optlen, bodylen = _PN_LENS.unpack_from(datagram, _PN_OFFSET)
+        nxt = self._tx_largest + 1
+        pn = nxt if tpn == nxt & _MASK32 else wire.expand(tpn, nxt)
         if pn > self._tx_largest:
             self._tx_largest = pn
         start = HEADER_SIZE + optlen
         opts = datagram[HEADER_SIZE:start]
         extra = self.tx_option
-        if extra is not None and self._wants_option(ptype, flags):
+        if extra is not None and self._wants_option(ptype, datagram[2]):
             opts += OPT_TLV.pack(wire.OptionType.PEER_AUTH, len(extra)) + extra
-        head = (
-            HEADER.pack(
-                version, ptype, flags, reserved, dcid, scid, tpn, len(opts), bodylen + TAG_SIZE
-            )
-            + opts
-        )
+        # the header as sent: unchanged but for optlen and bodylen (+ the tag)
+        head = datagram[:_LENS_OFFSET] + _LENS.pack(len(opts), bodylen + TAG_SIZE) + opts
         nonce = (self._tx_iv ^ pn).to_bytes(IV_SIZE, "big")
         sealed = head + self._tx.encrypt(nonce, datagram[start : start + bodylen], head)
         self.sealed += 1
@@ -167,7 +169,7 @@ class PacketProtection:
         if why is not None:
             raise ProtectionDrop(why)
         if datagram is not None:
-            aad = bytes(datagram[: len(datagram) - CRC_SIZE - len(body)])
+            aad = datagram[: len(datagram) - CRC_SIZE - len(body)]
         else:
             aad = _rebuild_header(packet)
         nonce = (self._rx_iv ^ pn).to_bytes(IV_SIZE, "big")

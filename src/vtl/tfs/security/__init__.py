@@ -16,9 +16,11 @@ from vtl.tfs.base import Param, TransportFunction
 
 
 class SecurityNone(TransportFunction):
-    """No protection: packets travel in clear, integrity only from the CRC32C
-    (accidental corruption).  The default, so existing compositions and
-    peers without the security role keep working unchanged."""
+    """No protection: packets travel in clear (the default).
+
+    Integrity comes only from the CRC32C (accidental corruption).  Being the
+    default, existing compositions and peers without the security role keep
+    working unchanged."""
 
     ROLE = "security"
     NAME = "none"
@@ -30,18 +32,22 @@ class SecurityNone(TransportFunction):
 
 
 class Aead(TransportFunction):
-    """Authenticated encryption of every packet after the handshake: an
-    ephemeral X25519 exchange in OFFER/ACCEPT, the responder (and with
-    ``mutual`` the initiator) proving its Ed25519 identity by signing the
-    transcript, per-connection per-direction keys from HKDF-SHA256, and a
-    replay window.  For applications that must not trust the path."""
+    """Encryption and peer authentication of every packet after the handshake.
+
+    For applications that must not trust the path: an ephemeral X25519
+    exchange in OFFER/ACCEPT, the responder (and with ``mutual`` the
+    initiator) proving its Ed25519 identity by signing the transcript,
+    per-connection per-direction keys from HKDF-SHA256, AEAD per packet and
+    a replay window."""
 
     ROLE = "security"
     NAME = "aead"
     SERVICE_TRAITS: ClassVar[dict] = {"encrypted": True}
     encrypted: ClassVar[bool] = True
     PARAMS = {
-        "cipher": Param(str, "chacha20-poly1305", "AEAD algorithm", choices=tuple(sorted(CIPHERS))),
+        "cipher": Param(
+            str, "chacha20-poly1305", "the AEAD algorithm", choices=tuple(sorted(CIPHERS))
+        ),
         "mutual": Param(
             bool, False, "the initiator must authenticate too (its key trusted by the responder)"
         ),
