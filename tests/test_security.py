@@ -550,3 +550,17 @@ def test_bytes_sent_counts_the_tags() -> None:
         result = secure_run([comp], data_ab=DATA, wrap_b=count)  # lossless: all arrive
         missing.append(wire_bytes[0] - result.a.stats["bytes_sent"])
     assert missing[0] == missing[1] < 100
+
+
+def test_peer_predating_the_security_role_still_satisfies_clear_compositions() -> None:
+    old_inventory = {
+        role: names for role, names in _builtins().inventory().items() if role != "security"
+    }
+    assert Composition.parse("reliability=go-back-n").satisfiable_by(old_inventory) == []
+    assert AEAD.satisfiable_by(old_inventory) == ["security=aead"]
+
+
+def _builtins() -> Registry:  # noqa: N802
+    reg = Registry()
+    register_builtins(reg)
+    return reg

@@ -103,9 +103,10 @@ class Composition:
         return self
 
     def satisfiable_by(self, inventory: dict[str, dict[str, list[str]]]) -> list[str]:
-        """Which TFs a peer with this inventory lacks (empty: it has them all)."""
+        """Which TFs a peer with this inventory lacks (empty: it has them all;
+        an optional role at its default needs nothing from the peer)."""
         missing = []
-        for spec in self.specs:
+        for spec in self._shown():
             versions = inventory.get(spec.role, {}).get(spec.name)
             if not versions or (spec.version is not None and spec.version not in versions):
                 missing.append(
