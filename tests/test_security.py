@@ -560,7 +560,7 @@ def test_peer_predating_the_security_role_still_satisfies_clear_compositions() -
     assert AEAD.satisfiable_by(old_inventory) == ["security=aead"]
 
 
-def _builtins() -> Registry:  # noqa: N802
+def _builtins() -> Registry:
     reg = Registry()
     register_builtins(reg)
     return reg
