@@ -377,6 +377,7 @@ def test_mutual_with_untrusted_initiator_fails_on_both_sides() -> None:
     assert result.b.data == b""
     assert result.a.terminated.error_code == ErrorCode.PEER_NOT_TRUSTED
     assert result.a.terminated.by_peer  # told by the responder's (sealed) RESET
+    assert result.b.stats == {} and result.completed  # the responder never accepted it
     assert key_text(public_bytes(OTHER)) in result.a.terminated.reason
 
 

@@ -291,7 +291,7 @@ class ConnectionSecurity:
         identity proof (on its handshake confirmation) checks out."""
         conn = self.conn
         raw = packet.options.get(wire.OptionType.PEER_AUTH)
-        if raw is None:
+        if raw is None or conn.state is State.TERMINATED:  # no proof, or already refused
             self._count("awaiting_peer_auth")
             return False
         key, proof = raw[:KEY_SIZE], raw[KEY_SIZE:]
