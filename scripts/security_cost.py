@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import time
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -55,11 +56,15 @@ def main() -> None:
         for comp in COMPOSITIONS:
             runs[comp].append(cpu_ms_per_mib(comp, data, key))
     base = min(runs[COMPOSITIONS[0]])
+    base_med = statistics.median(runs[COMPOSITIONS[0]])
     print(f"{args.mib} MiB, {args.runs} runs, CPU ms per MiB (sender + receiver, one process)")
     for comp in COMPOSITIONS:
-        best = min(runs[comp])
+        best, med = min(runs[comp]), statistics.median(runs[comp])
         all_runs = " ".join(f"{x:.1f}" for x in runs[comp])
-        print(f"{comp:42s} best {best:6.1f}  ({all_runs})  {100 * (best / base - 1):+5.1f}%")
+        print(
+            f"{comp:40s} best {best:6.1f} ({100 * (best / base - 1):+5.1f}%)"
+            f"  median {med:6.1f} ({100 * (med / base_med - 1):+5.1f}%)  runs: {all_runs}"
+        )
 
 
 if __name__ == "__main__":
