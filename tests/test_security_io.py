@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -275,3 +276,27 @@ def test_cli_encrypted_transfer_between_namespaces_with_loss(netns_pair_factory,
     sent = json.loads(cp.stdout)
     assert sent["verified"] is True and dst.read_bytes() == payload
     assert sent["retransmissions"] > 0  # the loss happened, recovery ran encrypted
+
+
+def test_blocking_api_with_security():
+    from vtl.service.blocking import connect, listen
+
+    received = bytearray()
+
+    def serve(listener) -> None:
+        with listener.accept(timeout=10) as conn:
+            while chunk := conn.recv(65536):
+                received.extend(chunk)
+
+    with listen(LOOPBACK, security=SecurityParameters(identity=SERVER)) as listener:
+        server = threading.Thread(target=serve, args=(listener,))
+        server.start()
+        with connect(
+            listener.address,
+            REQUIRE,
+            security=SecurityParameters(trusted_keys=frozenset({public_bytes(SERVER)})),
+        ) as conn:
+            assert conn.composition["security"].name == "aead"
+            conn.sendall(b"blocking and sealed")
+        server.join(10)
+    assert bytes(received) == b"blocking and sealed"
