@@ -69,7 +69,7 @@ async def test_require_selects_aead_and_echoes_over_udp():
         while chunk := await conn.receive():
             echoed += chunk
         assert bytes(echoed) == payload
-        assert conn.datapath.core._sec.peer_identity == public_bytes(SERVER)
+        assert conn.peer_identity == public_bytes(SERVER)
         await asyncio.wait_for(server, 10)
     finally:
         await listener.close()

@@ -224,7 +224,7 @@ def _peer_key(conn) -> str | None:
     """The peer's authenticated identity, if the composition has one."""
     from vtl.core.secure_handshake import key_text
 
-    ident = conn.core._sec.peer_identity
+    ident = conn.core.peer_identity
     return key_text(ident) if ident else None
 
 

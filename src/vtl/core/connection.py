@@ -224,6 +224,11 @@ class Connection(HandshakeMixin, ReceiverMixin, RecoveryMixin, SenderMixin):
         return self.state is State.TERMINATED
 
     @property
+    def peer_identity(self) -> bytes | None:
+        """The peer's authenticated Ed25519 public key (``security=aead``)."""
+        return self._sec.peer_identity
+
+    @property
     def send_buffer_bytes(self) -> int:
         """Bytes accepted by send() and not yet acknowledged (for backpressure)."""
         return self._unsent_bytes + len(self._outstanding) * self._max_payload

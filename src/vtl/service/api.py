@@ -473,6 +473,12 @@ class Connection:
         return self.traits.messages
 
     @property
+    def peer_identity(self) -> bytes | None:
+        """The peer's Ed25519 public key, authenticated by ``security=aead``
+        (None on a clear composition, and on a listener's side unless ``mutual``)."""
+        return self._vc.core.peer_identity
+
+    @property
     def datapath(self) -> VtlConnection:
         """The underlying :class:`vtl.io.VtlConnection`."""
         return self._vc
