@@ -16,7 +16,7 @@ import pytest
 
 from vtl.core.composition import Composition
 from vtl.core.config import ConnectionConfig
-from vtl.core.errors import ErrorCode, SelectionError
+from vtl.core.errors import ConnectionStateError, ErrorCode, SelectionError
 from vtl.core.registry import Registry
 from vtl.service import (
     Closed,
@@ -193,6 +193,7 @@ async def test_listener_refuses_when_it_has_nothing_the_initiator_can_run():
     # initiator lacks that TF, so there is no offer to take and no counter-offer
     registry = Registry()
     register_builtins(registry)
+    registry.unregister("security", "aead")  # only the third-party TF encrypts here
     registry.register(Sealed)
     listener = await Preconnection(
         local=LOOPBACK,
@@ -286,8 +287,19 @@ async def test_stream_events_are_received_partial_and_final_message_closes():
 
 
 async def test_selection_error_is_raised_before_any_traffic():
-    pre = Preconnection(remote=("127.0.0.1", 9), properties=TransportProperties(security="require"))
+    registry = Registry()
+    register_builtins(registry)
+    registry.unregister("security", "aead")
+    pre = Preconnection(
+        remote=("127.0.0.1", 9),
+        properties=TransportProperties(security="require"),
+        config=ConnectionConfig(registry=registry),
+    )
     with pytest.raises(SelectionError, match="security"):
+        await pre.initiate(timeout=1)
+    # with the TF installed but no key to check the listener with: also before traffic
+    pre = Preconnection(remote=("127.0.0.1", 9), properties=TransportProperties(security="require"))
+    with pytest.raises(ConnectionStateError, match="trusted_keys"):
         await pre.initiate(timeout=1)
 
 

@@ -275,16 +275,41 @@ def test_full_checksum_recv_avoid_selects_partial_coverage():
     assert all(c.composition["integrity"].name == "crc32c" for c in sel.ranked)
 
 
+def _without_aead() -> Registry:
+    reg = Registry()
+    register_builtins(reg)
+    reg.unregister("security", "aead")
+    return reg
+
+
 def test_security_require_is_a_clear_error():
     with pytest.raises(SelectionError, match="security=Require") as info:
-        select(TransportProperties(security="require"))
+        select(TransportProperties(security="require"), registry=_without_aead())
     assert "encrypt" in str(info.value)
     assert info.value.properties == ["security"]
 
 
 def test_security_prefer_is_reported_not_pretended():
-    sel = select(TransportProperties(security="prefer"))
+    sel = select(TransportProperties(security="prefer"), registry=_without_aead())
     assert any("security=Prefer is not honoured" in w for w in sel.warnings)
+
+
+def test_security_levels_pick_the_aead_tf():
+    assert top(TransportProperties(security="require"))["security"].name == "aead"
+    sel = select(TransportProperties(security="prefer"))
+    assert sel.top.composition["security"].name == "aead" and not sel.warnings
+    offered = [c["security"].name for c in sel.offers()]
+    assert offered[0] == "aead" and "none" in offered  # Prefer: a clear fallback is offered
+    assert {
+        c["security"].name for c in select(TransportProperties(security="require")).offers()
+    } == {"aead"}
+    for level in ("no-preference", "avoid", "prohibit"):
+        sel = select(TransportProperties(security=level))
+        assert sel.top.composition["security"].name == "none"
+        # keys nobody asked for: never offered
+        assert all(c["security"].name == "none" for c in sel.offers())
+    excluded = select(TransportProperties(security="prohibit")).excluded
+    assert any("security=Prohibit" in c.violations[0].text for c in excluded)
 
 
 def test_conflicting_requirements_name_every_property_involved():
@@ -438,6 +463,7 @@ def test_third_party_tf_shows_up_as_a_candidate(registry):
 
 
 def test_third_party_traits_make_properties_satisfiable(registry):
+    registry.unregister("security", "aead")  # only the third-party TF encrypts
     comp = top(TransportProperties(security="require"), registry=registry)
     assert comp["framing"].name == "sealed-message"
     comp = top(TransportProperties.background(), registry=registry)

@@ -49,6 +49,13 @@ def add_service_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-delay-ms", type=float, help="QoS target: maximum one-way delay")
     g.add_argument("--min-throughput-mbps", type=float, help="QoS target: minimum throughput")
     g.add_argument("--max-loss-percent", type=float, help="QoS target: tolerated loss")
+    g.add_argument(
+        "--security",
+        choices=["require", "prefer", "no-preference", "avoid", "prohibit"],
+        default=None,
+        help="encryption and peer authentication (security=aead); require needs "
+        "--trust (sender) or --key (receiver)",
+    )
 
 
 def offers_from_args(args: argparse.Namespace) -> tuple[list[Composition], str]:
@@ -72,6 +79,8 @@ def offers_from_args(args: argparse.Namespace) -> tuple[list[Composition], str]:
         for name in ("max_delay_ms", "min_throughput_mbps", "max_loss_percent")
         if getattr(args, name, None) is not None
     }
+    if getattr(args, "security", None):
+        targets["security"] = args.security
     if targets:
         props = dataclasses.replace(props, **targets)
     chosen = selection.select(props)

@@ -38,6 +38,7 @@ def add_parsers(sub) -> None:
         help="after sending BYTES (e.g. 4MiB), switch the running connection to "
         "COMPOSITION (only the roles named change), e.g. 'reliability=selective-repeat'",
     )
+    _add_key_arguments(p, "the receiver")
     add_service_arguments(p)
     tf.add_control_arguments(p)
     p.set_defaults(func=run_send)
@@ -47,13 +48,42 @@ def add_parsers(sub) -> None:
     r.add_argument("-o", "--output", default=None, help="write data here ('-' = stdout)")
     r.add_argument("--count", type=int, default=1, help="transfers to accept (0 = forever)")
     r.add_argument("--json", action="store_true", help="print one JSON record per transfer")
+    _add_key_arguments(r, "senders (security=aead(mutual=true))")
     add_service_arguments(r)
     tf.add_control_arguments(r)
     r.set_defaults(func=run_recv)
 
 
+def _add_key_arguments(p: argparse.ArgumentParser, whom: str) -> None:
+    g = p.add_argument_group("keys of encrypted compositions (security=aead)")
+    g.add_argument("--key", metavar="FILE", help="our identity key (from 'vtl keygen')")
+    g.add_argument(
+        "--trust",
+        action="append",
+        metavar="KEY",
+        default=[],
+        help=f"public key (file or 'vtl-ed25519 BASE64' line) of {whom} to trust; repeatable",
+    )
+
+
 def _config(args: argparse.Namespace) -> ConnectionConfig:
-    return ConnectionConfig(handshake_timeout=getattr(args, "timeout", 10.0))
+    cfg = ConnectionConfig(handshake_timeout=getattr(args, "timeout", 10.0))
+    if getattr(args, "key", None) or getattr(args, "trust", None):
+        from vtl.service.security import SecurityParameters
+
+        cfg.security = SecurityParameters.from_files(args.key, args.trust).to_config()
+    return cfg
+
+
+def _check_keys(args: argparse.Namespace, offers, sender: bool) -> None:
+    """Fail before any traffic when only secure compositions are offered
+    without the keys they need."""
+    if not offers or any(c["security"].name == "none" for c in offers):
+        return
+    if sender and not args.trust:
+        raise VtlError("encrypted compositions need the receiver's public key: --trust KEY")
+    if not sender and not args.key:
+        raise VtlError("encrypted compositions need this receiver's identity: --key FILE")
 
 
 def run_send(args: argparse.Namespace) -> int:
@@ -68,6 +98,8 @@ def run_send(args: argparse.Namespace) -> int:
                 return fail(f"--reconfigure-after: bad size {size!r} (e.g. 4MiB, 500K, 1000)")
             Composition.parse(comp)  # syntax and roles; the TFs are checked at the switch
             args.reconfigure = (nbytes, comp)
+        _check_keys(args, offers, sender=True)
+        _config(args)
     except VtlError as exc:
         return fail(str(exc))
     try:
@@ -140,6 +172,7 @@ async def _send(args: argparse.Namespace, offers) -> dict[str, Any]:
             "goodput_mbps": total * 8 / max(end - ready, 1e-9) / 1e6,
             "retransmissions": stats.get("retransmissions"),
             "packets_lost": stats.get("packets_lost"),
+            "peer_key": _peer_key(conn),
             "srtt_ms": (stats.get("srtt") or 0) * 1000,
         }
     finally:
@@ -151,6 +184,8 @@ async def _send(args: argparse.Namespace, offers) -> dict[str, Any]:
 def run_recv(args: argparse.Namespace) -> int:
     try:
         offers, _ = offers_from_args(args)
+        _check_keys(args, offers, sender=False)
+        _config(args)
     except VtlError as exc:
         return fail(str(exc))
     try:
@@ -167,6 +202,9 @@ async def _recv(args: argparse.Namespace, offers) -> None:
 
     cfg = _config(args)
     cfg.counter_offers = list(offers)
+    if all(c["security"].name != "none" for c in offers):
+        # the receiver insists on encryption: refuse offers in clear
+        cfg.acceptable = lambda comp: comp["security"].name != "none"
     ep = await UdpEndpoint.create(args.listen, config=cfg, listen=True)
     try:
         control = await tf.start_control(ep, args)
@@ -228,7 +266,16 @@ async def _receive_one(conn, output: str | None) -> dict[str, Any]:
         "goodput_mbps": total * 8 / max(end - start, 1e-9) / 1e6,
         "duplicate_segments": stats.get("duplicate_segments"),
         "reconfigurations": stats.get("reconfig"),
+        "peer_key": _peer_key(conn),
     }
+
+
+def _peer_key(conn) -> str | None:
+    """The peer's authenticated identity, if the composition has one."""
+    from vtl.core.secure_handshake import key_text
+
+    ident = conn.core.peer_identity
+    return key_text(ident) if ident else None
 
 
 def _human(verb: str, r: dict[str, Any]) -> str:
@@ -246,6 +293,8 @@ def _human(verb: str, r: dict[str, Any]) -> str:
         )
     if (r.get("reconfigure") or {}).get("refused"):
         lines.append(f"  reconfiguration refused: {r['reconfigure']['refused']}")
+    if r.get("peer_key"):
+        lines.append(f"  peer authenticated: vtl-ed25519 {r['peer_key']}")
     if "verified" in r:
         lines.append(f"  verified by receiver: {'yes' if r['verified'] else 'NO'}")
         lines.append(

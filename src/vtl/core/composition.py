@@ -28,7 +28,8 @@ DEFAULTS: dict[str, str] = {
     "flow": "window",
     "framing": "stream",
     "fec": "none",
-    "integrity": "crc32c",  # optional role: left out unless given
+    "integrity": "crc32c",
+    "security": "none",
 }
 
 
@@ -68,10 +69,13 @@ class Composition:
         raise KeyError(role)
 
     def to_dict(self) -> dict[str, Any]:
-        return {spec.role: spec.to_dict() for spec in self.specs}
+        return {spec.role: spec.to_dict() for spec in self._shown()}
 
     def __str__(self) -> str:
-        return " ".join(f"{s.role}={s}" for s in self.specs)
+        return " ".join(f"{s.role}={s}" for s in self._shown())
+
+    def _shown(self) -> list[TFSpec]:
+        return [s for s in self.specs if not _is_default_optional(s)]
 
     def replace(self, role: str, spec: TFSpec | str | dict) -> Composition:
         """A copy with one role changed (used by reconfiguration and
@@ -99,9 +103,10 @@ class Composition:
         return self
 
     def satisfiable_by(self, inventory: dict[str, dict[str, list[str]]]) -> list[str]:
-        """Which TFs a peer with this inventory lacks (empty: it has them all)."""
+        """Which TFs a peer with this inventory lacks (empty: it has them all;
+        an optional role at its default needs nothing from the peer)."""
         missing = []
-        for spec in self.specs:
+        for spec in self._shown():
             versions = inventory.get(spec.role, {}).get(spec.name)
             if not versions or (spec.version is not None and spec.version not in versions):
                 missing.append(
@@ -205,6 +210,15 @@ def _check_compatible(comp: Composition) -> None:
             f"integrity=partial cannot be combined with security={security}: AEAD "
             "encryption authenticates every byte, so damaged payload is never delivered"
         )
+
+
+def _is_default_optional(spec: TFSpec) -> bool:
+    return (
+        spec.role in OPTIONAL_ROLES
+        and spec.name == DEFAULTS[spec.role]
+        and spec.version is None
+        and not spec.params
+    )
 
 
 def _spec(role: str, value: Any) -> TFSpec:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from vtl.core.composition import Composition
 from vtl.core.registry import Registry
+from vtl.core.secure_handshake import SecurityConfig
 
 
 @dataclass
@@ -42,3 +43,5 @@ class ConnectionConfig:
     rng: random.Random | None = None
     #: most packets returned by one datagrams_to_send() call
     max_burst_packets: int = 256
+    #: identity key and trusted peer keys for ``security=aead`` (None: none)
+    security: SecurityConfig | None = None

@@ -62,6 +62,7 @@ from vtl.core.records import (
 from vtl.core.recovery import RecoveryMixin
 from vtl.core.registry import Registry, default_registry
 from vtl.core.rtt import RttEstimator
+from vtl.core.secure_handshake import ConnectionSecurity
 from vtl.core.sender import SenderMixin
 from vtl.core.wire import AckFlags, DataFlags, HsField, PacketType
 from vtl.tfs.congestion.base import CongestionControl
@@ -218,6 +219,7 @@ class Connection(
         self._flow_window_bound = 0  # ACK windows up to this are valid too
         self.peer_inventory: dict[str, dict[str, list[str]]] = {}  # from the handshake
         self._pr = PrSendState()  # partial reliability (core/partial.py)
+        self._sec = ConnectionSecurity(self)  # keys and hooks of security=aead
 
     # ================================================================ API
 
@@ -232,6 +234,7 @@ class Connection(
             HsField.MAX_DATAGRAM: self.config.max_datagram_size.to_bytes(2, "big"),
             HsField.IDLE_TIMEOUT_MS: int(self.config.idle_timeout * 1000).to_bytes(4, "big"),
         }
+        fields.update(self._sec.offer_fields(self.offers))
         self._offer_fields = wire.encode_fields(fields)
         if len(self._offer_fields) + wire.OVERHEAD > self.config.max_datagram_size * 8:
             raise ConnectionStateError("offer too large")
@@ -253,6 +256,11 @@ class Connection(
         """Closed cleanly but still answering a peer that may have missed the
         final ACK (TCP's TIME-WAIT); the socket should outlive this."""
         return self.state is State.TERMINATED and self._drain_deadline is not None
+
+    @property
+    def peer_identity(self) -> bytes | None:
+        """The peer's authenticated Ed25519 public key (``security=aead``)."""
+        return self._sec.peer_identity
 
     @property
     def send_buffer_bytes(self) -> int:
@@ -445,10 +453,16 @@ class Connection(
         except WireError:
             self.stats["dropped_invalid"] += 1
             return
-        self.receive_packet(packet, len(datagram), now)
+        self.receive_packet(packet, len(datagram), now, datagram)
 
-    def receive_packet(self, packet: wire.Packet, size: int, now: float) -> None:
-        """Process an already decoded packet (the endpoint decodes once)."""
+    def receive_packet(
+        self, packet: wire.Packet, size: int, now: float, datagram: bytes | None = None
+    ) -> None:
+        """Process an already decoded packet (the endpoint decodes once;
+        ``datagram``, its raw bytes, lets protection authenticate the header
+        exactly as received)."""
+        if self._sec.protection is not None and not self._sec.open(packet, datagram):
+            return
         try:
             self._receive(packet, size, now)
         except WireError:
@@ -555,14 +569,17 @@ class Connection(
     # ============================================================ sending
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
-        """Everything this connection wants on the wire now."""
+        """Everything this connection wants on the wire now (protected by
+        the security TF once it has keys)."""
         try:
-            return self._datagrams_to_send(now)
+            out = self._datagrams_to_send(now)
         except Exception as exc:  # a raising TF fails this connection only
             self._tf_failed(exc, "send")
-            out: list[bytes] = []
+            out = []
             self._flush_terminal(out)  # the RESET telling the peer why
-            return out
+        if self._sec.protection is not None and out:
+            out = self._sec.seal(out)
+        return out
 
     def _datagrams_to_send(self, now: float) -> list[bytes]:
         out: list[bytes] = []

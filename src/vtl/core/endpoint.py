@@ -93,7 +93,7 @@ class EndpointCore:
             return
         before = conn.stats["dropped_invalid"]
         largest = conn.largest_pn_received
-        conn.receive_packet(packet, len(datagram), now)
+        conn.receive_packet(packet, len(datagram), now, datagram)
         if conn.stats["dropped_invalid"] != before:
             self.drops["invalid_for_connection"] += 1
         elif conn.largest_pn_received > largest:

@@ -53,3 +53,6 @@ class ErrorCode(IntEnum):
     RECONFIG_BUSY = 14  # another reconfiguration is in progress (or collided)
     RECONFIG_CLOSING = 15  # the connection is closing
     TF_REMOVED = 20  # an operator force-removed a deployed TF this connection used
+    PEER_NOT_TRUSTED = 16  # the peer's identity key is not among the trusted keys
+    AUTHENTICATION_FAILED = 17  # bad transcript signature or malformed security fields
+    SECURITY_UNAVAILABLE = 18  # security was negotiated but this side cannot provide it

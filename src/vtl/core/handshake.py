@@ -59,14 +59,16 @@ class HandshakeMixin:
                 reasons.append(f"offer {i}: not acceptable to this responder")
                 continue
             comp, why = negotiation.pin_versions(comp, self.registry, inventory)
-            if comp is None:
+            if comp is not None:
+                why = self._sec.cannot_take(comp, fields)
+            if comp is None or why is not None:
                 reasons.append(f"offer {i}: {why}")
                 continue
             chosen, index = comp, i
             break
         if chosen is None:
             for comp in self.config.counter_offers:
-                if not comp.satisfiable_by(inventory):
+                if not comp.satisfiable_by(inventory) and not self._sec.cannot_take(comp, fields):
                     chosen = negotiation.pin_versions(comp, self.registry, inventory)[0]
                     if chosen is not None:
                         break
@@ -87,7 +89,9 @@ class HandshakeMixin:
             HsField.MAX_DATAGRAM: self.config.max_datagram_size.to_bytes(2, "big"),
             HsField.CHOSEN: (255 if index is None else index).to_bytes(1, "big"),
         }
-        self._accept_fields = wire.encode_fields(fields_out)
+        self._accept_fields = self._sec.finish_accept(
+            chosen, packet, wire.encode_fields(fields_out)
+        )
         self._accept_flags = wire.HsFlags.COUNTER_OFFER if index is None else 0
         self._hs_pending = True
 
@@ -118,6 +122,11 @@ class HandshakeMixin:
                 self._handshake_failed(ErrorCode.COUNTER_OFFER_REJECTED, reason)
                 return
         self.peer_cid = p.scid
+        failure = self._sec.verify_accept(comp, p, fields)
+        if failure is not None:
+            self._reset_out = failure
+            self._handshake_failed(*failure)
+            return
         peer_isn = wire.field_int(fields, HsField.INITIAL_SEQ, 4)
         peer_mds = self._peer_max_datagram(fields)
         window = wire.field_int(fields, HsField.WINDOW, 4)
@@ -166,6 +175,9 @@ class HandshakeMixin:
         self._peer_window_limit = self._snd_una + self.flow.window
         old_max_payload = self._max_payload
         self._max_payload = min(self.config.max_datagram_size, peer_mds) - wire.DATA_OVERHEAD
+        security = tfs.get("security")
+        if security is not None:
+            self._max_payload -= security.overhead  # the AEAD tag
         self._setup_integrity(tfs.get("integrity"))
         self._fec_adopt(tfs.get("fec"))
         self._reframe_unsent(old_max_payload)

@@ -15,10 +15,20 @@ from vtl.tfs.base import TransportFunction
 
 log = logging.getLogger(__name__)
 
-ROLES = ("reliability", "congestion", "ordering", "flow", "framing", "fec", "integrity")
+ROLES = (
+    "reliability",
+    "congestion",
+    "ordering",
+    "flow",
+    "framing",
+    "fec",
+    "integrity",
+    "security",
+)
 #: roles a composition may leave out: they then take their default TF and
-#: are not written in the composition (so older compositions stay unchanged)
-OPTIONAL_ROLES = ("fec", "integrity")
+#: are not written in the composition (so older compositions and peers that
+#: predate these roles stay unchanged)
+OPTIONAL_ROLES = ("fec", "integrity", "security")
 ENTRY_POINT_GROUP = "vtl.tfs"
 
 

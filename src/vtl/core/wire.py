@@ -93,6 +93,7 @@ class OptionType(IntEnum):
     TIMESTAMP = 0x02  # u64 microseconds, echoed for diagnostics
     FEC_LOSS = 0x03  # u16 on ACK: loss rate the receiver measures, in 1/65535
     CHECKSUM_COVERAGE = 0x81  # u16: CRC covers header + first N body bytes
+    PEER_AUTH = 0x20  # initiator's Ed25519 key + transcript signature (security TF)
 
 
 class HsField(IntEnum):
@@ -111,6 +112,9 @@ class HsField(IntEnum):
     RECONFIG_OP = 11  # u8: RECONFIGURE message kind (vtl.core.reconfig.Op)
     RECONFIG_ERROR = 12  # u16 code + UTF-8 reason: why a RECONFIGURE was refused
     RECONFIG_SEEN = 13  # u32: highest id of the receiver's requests the sender has seen
+    KEY_SHARE = 20  # 32-byte X25519 ephemeral public key (security TF)
+    IDENTITY = 21  # 32-byte Ed25519 static public key of the responder
+    SIGNATURE = 22  # Ed25519 signature of the handshake transcript (last field)
 
 
 @dataclass(slots=True)

@@ -36,6 +36,7 @@ from vtl.service.properties import (
     SendReport,
     TransportProperties,
 )
+from vtl.service.security import KeyFileError, SecurityParameters
 from vtl.service.selection import (
     Candidate,
     CompositionTraits,
@@ -64,6 +65,7 @@ __all__ = [
     "Preconnection",
     "Preference",
     "PropertyStatus",
+    "KeyFileError",
     "Reason",
     "ReceiveError",
     "Ready",
@@ -71,6 +73,7 @@ __all__ = [
     "ReceivedPartial",
     "SelectionError",
     "Selection",
+    "SecurityParameters",
     "Selector",
     "SendReport",
     "Sent",

@@ -58,6 +58,7 @@ from vtl.service.properties import (
     SendReport,
     TransportProperties,
 )
+from vtl.service.security import SecurityParameters
 from vtl.service.selection import (
     CompositionTraits,
     Negotiation,
@@ -107,6 +108,9 @@ class Preconnection:
     installed TFs; its ``acceptable``/``counter_offers``/``accept_counter_offer``
     hooks are combined with, or replaced by, the ones derived from
     ``properties``); ``max_offers`` caps how many compositions are offered.
+    ``security`` holds the keys of encrypting compositions (TAPS
+    SecurityParameters): a listener's identity, an initiator's trusted keys;
+    ``properties.security`` (Require / Prefer / ...) decides whether to use them.
     """
 
     def __init__(
@@ -118,11 +122,15 @@ class Preconnection:
         *,
         path: PathMeasurements | None = None,
         max_offers: int = 4,
+        security: SecurityParameters | None = None,
     ) -> None:
         self.remote = remote
         self.local = local
         self.properties = properties or TransportProperties()
         self.config = config or ConnectionConfig()
+        self.security = security
+        if security is not None:
+            self.config = dataclasses.replace(self.config, security=security.to_config())
         self.path = path or PathMeasurements()
         self.max_offers = max_offers
         self._selection: Selection | None = None
@@ -161,7 +169,7 @@ class Preconnection:
             raise ConnectionStateError("initiate() needs a remote endpoint")
         selection = self.select()
         selector = selection._selector or self.selector()
-        offers = selection.offers(self.max_offers)
+        offers = self._usable_offers(selection.offers(self.max_offers))
         rejected: list[tuple[Composition, list[Violation]]] = []
         user_check = self.config.accept_counter_offer
 
@@ -194,6 +202,24 @@ class Preconnection:
             endpoint=endpoint,
             owns_endpoint=True,
         )
+
+    def _usable_offers(self, offers: list[Composition]) -> list[Composition]:
+        """Encrypting offers need trusted keys to check the listener with:
+        without them, Require fails here (before any traffic) and the other
+        levels offer only what can complete."""
+        sec = self.config.security
+        if sec is not None and sec.trusted_keys:
+            return offers
+        clear = [c for c in offers if c["security"].name == "none"]
+        if len(clear) == len(offers):
+            return offers
+        if not clear or self.properties.security is Preference.REQUIRE:
+            raise ConnectionStateError(
+                "security=Require needs the listener's public key to verify it: pass "
+                "Preconnection(security=SecurityParameters(trusted_keys=...)) "
+                "(vtl send --trust KEYFILE)"
+            )
+        return clear
 
     def _establishment_error(
         self,
@@ -238,6 +264,16 @@ class Preconnection:
         selection = self.select()
         selector = selection._selector or self.selector()
         user_acceptable = self.config.acceptable
+        sec = self.config.security
+        if (
+            self.properties.security is Preference.REQUIRE
+            and selection.top.composition["security"].name != "none"
+            and (sec is None or not sec.identity)
+        ):
+            raise ConnectionStateError(
+                "security=Require needs an identity key to authenticate this listener: pass "
+                "Preconnection(security=SecurityParameters(identity=...)) (vtl recv --key KEYFILE)"
+            )
 
         def acceptable(comp: Composition) -> bool:
             if selector.check(comp):
@@ -447,6 +483,12 @@ class Connection:
         return self.traits.messages
 
     @property
+    def peer_identity(self) -> bytes | None:
+        """The peer's Ed25519 public key, authenticated by ``security=aead``
+        (None on a clear composition, and on a listener's side unless ``mutual``)."""
+        return self._vc.core.peer_identity
+
+    @property
     def datapath(self) -> VtlConnection:
         """The underlying :class:`vtl.io.VtlConnection`."""
         return self._vc
@@ -491,8 +533,9 @@ class Connection:
             else:
                 honoured = None
             detail = ""
-            if name == "security" and not has:
-                detail = "no encryption TF is installed"
+            if name == "security":
+                spec = self._composition["security"]
+                detail = f"security={spec}" if has else "the composition does not encrypt"
             elif name == "per_msg_reliability" and not has:
                 detail = "no partial-reliability TF is installed"
             out[name] = PropertyStatus(name, pref.label, "yes" if has else "no", honoured, detail)

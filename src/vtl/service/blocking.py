@@ -39,6 +39,7 @@ from vtl.service.properties import (
     SendReport,
     TransportProperties,
 )
+from vtl.service.security import SecurityParameters
 from vtl.service.selection import Selection
 
 __all__ = ["BlockingConnection", "BlockingListener", "connect", "listen"]
@@ -330,6 +331,7 @@ def connect(
     path: PathMeasurements | None = None,
     timeout: float | None = 10.0,
     linger: float = 5.0,
+    security: SecurityParameters | None = None,
 ) -> BlockingConnection:
     """Open a VTL connection to ``address`` offering compositions chosen for
     ``properties``.  Raises :class:`~vtl.service.EstablishmentError` (or
@@ -337,7 +339,12 @@ def connect(
     ``timeout`` bounds the handshake and is the default for later calls."""
     runner = _LoopThread()
     pre = Preconnection(
-        remote=address, local=local, properties=properties, config=config, path=path
+        remote=address,
+        local=local,
+        properties=properties,
+        config=config,
+        path=path,
+        security=security,
     )
     try:
         conn = runner.run(pre.initiate(timeout=timeout))
@@ -354,10 +361,13 @@ def listen(
     config: ConnectionConfig | None = None,
     path: PathMeasurements | None = None,
     linger: float = 5.0,
+    security: SecurityParameters | None = None,
 ) -> BlockingListener:
     """Listen on ``address`` for peers whose offers meet ``properties``."""
     runner = _LoopThread()
-    pre = Preconnection(local=address, properties=properties, config=config, path=path)
+    pre = Preconnection(
+        local=address, properties=properties, config=config, path=path, security=security
+    )
     try:
         listener = runner.run(pre.listen(), 10.0)
         return BlockingListener(runner, listener, linger=linger)

@@ -274,8 +274,8 @@ _PROPERTY_TRAITS: dict[str, tuple[str, str | None, str, str]] = {
     "security": (
         "encrypted",
         None,
-        "encrypts the payload",
-        "does not encrypt (VTL has no encryption TF installed)",
+        "encrypts and authenticates its packets",
+        "does not encrypt",
     ),
 }
 
@@ -373,13 +373,17 @@ class Selection:
         stays in rank order (the peer takes the first it can)."""
         if not self.ranked or max_offers < 1:
             return []
-        top = self.ranked[0]
+        ranked = self.ranked
+        if self.properties.security not in (Preference.REQUIRE, Preference.PREFER):
+            # encryption needs keys nobody asked for: offer it only when wanted
+            ranked = [c for c in ranked if not c.traits.encrypted] or ranked
+        top = ranked[0]
         chosen: list[Candidate] = [top]
         for role in ROLES:
             if len(chosen) >= max_offers:
                 break
             mine = top.composition[role].name
-            differing = [c for c in self.ranked[1:] if c.composition[role].name != mine]
+            differing = [c for c in ranked[1:] if c.composition[role].name != mine]
             if not differing:
                 continue
             only_here = [
@@ -390,7 +394,7 @@ class Selection:
             pick = (only_here or differing)[0]
             if pick not in chosen:
                 chosen.append(pick)
-        for cand in self.ranked[1:]:
+        for cand in ranked[1:]:
             if len(chosen) >= max_offers:
                 break
             if cand not in chosen:
@@ -561,9 +565,12 @@ class Selector:
                 f"min_throughput_mbps={p.min_throughput_mbps:g} exceeds the path's bandwidth "
                 f"({path.bandwidth_mbps:g} Mbit/s); no composition can fix that"
             )
-        if p.security is Preference.PREFER:
+        if p.security is Preference.PREFER and not self._encryption_installed():
             out.append("security=Prefer is not honoured: VTL has no encryption TF installed")
         return out
+
+    def _encryption_installed(self) -> bool:
+        return any(tf_traits(cls).get("encrypted") for cls in self.registry)
 
     # ------------------------------------------------- candidate space
 
@@ -1022,9 +1029,7 @@ class Selector:
     def select(self) -> Selection:
         """Rank every installed composition; raise :class:`SelectionError`
         naming the unsatisfiable properties when none is eligible."""
-        if self.properties.security is Preference.REQUIRE and not any(
-            tf_traits(cls).get("encrypted") for cls in self.registry
-        ):
+        if self.properties.security is Preference.REQUIRE and not self._encryption_installed():
             err = SelectionError(
                 "security=Require cannot be satisfied: no installed transport function "
                 "encrypts (VTL has no encryption TF yet); use Prefer or No Preference, or "

@@ -10,8 +10,17 @@ if TYPE_CHECKING:
 
 def register_builtins(registry: Registry) -> None:
     """Install every built-in TF into ``registry``."""
-    from vtl.tfs import congestion, fec, flow, framing, integrity, ordering, reliability
+    from vtl.tfs import (
+        congestion,
+        fec,
+        flow,
+        framing,
+        integrity,
+        ordering,
+        reliability,
+        security,
+    )
 
-    for module in (reliability, congestion, ordering, flow, framing, fec, integrity):
+    for module in (reliability, congestion, ordering, flow, framing, fec, integrity, security):
         for cls in module.BUILTIN:
             registry.register(cls)
