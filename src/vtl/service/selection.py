@@ -86,6 +86,7 @@ _CONGESTION_KNOWLEDGE: dict[str, dict[str, Any]] = {
     "none": {"congestion_controlled": False},
     "fixed-rate": {"congestion_controlled": False, "constant_rate": True},
     "newreno": {"congestion_controlled": True},
+    "ledbat": {"congestion_controlled": True, "scavenger": True},
 }
 
 _RECOVERY_TEXT = {
