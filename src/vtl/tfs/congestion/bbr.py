@@ -119,8 +119,11 @@ class Bbr(CongestionControl):
             max=1.0,
         ),
         "beta": Param(
-            float, 0.7, "flight cap, as a fraction of the flight, after congestive loss",
-            min=0.3, max=0.95,
+            float,
+            0.7,
+            "flight cap, as a fraction of the flight, after congestive loss",
+            min=0.3,
+            max=0.95,
         ),
         "compensate_loss": Param(
             bool, True, "scale the rate by 1 / (1 - loss rate) so random loss leaves no gap"

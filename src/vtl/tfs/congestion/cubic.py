@@ -66,9 +66,7 @@ class Cubic(NewReno):
         "fast_convergence": Param(
             bool, True, "release bandwidth to new flows when losses come below W_max"
         ),
-        "reno_friendly": Param(
-            bool, True, "never grow slower than an equivalent AIMD (Reno) flow"
-        ),
+        "reno_friendly": Param(bool, True, "never grow slower than an equivalent AIMD (Reno) flow"),
         "hystart": Param(bool, True, "HyStart++ (RFC 9406) delay-based slow-start exit"),
         "initial_window_packets": Param(
             int, 10, "initial congestion window in maximum-size datagrams", min=1

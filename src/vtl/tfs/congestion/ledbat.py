@@ -141,9 +141,7 @@ class Ledbat(CongestionControl):
     ) -> None:
         self._srtt = rtt.smoothed
         rs = self.recovery_start_time
-        acked = sum(
-            p.size for p in packets if p.in_flight and (rs is None or p.sent_time > rs)
-        )
+        acked = sum(p.size for p in packets if p.in_flight and (rs is None or p.sent_time > rs))
         flight = self._flight_max
         self._flight_max = bytes_in_flight
         if not acked:
