@@ -21,7 +21,12 @@ Window updates on each ACK (RFC 6817 section 2.4.2, with the LEDBAT++ gain
 not make it more aggressive)::
 
     off_target = (target - queuing_delay) / target
-    cwnd += gain x off_target x bytes_acked x MSS / cwnd
+    cwnd += gain x off_target x bytes_acked x MSS / cwnd      (below the target)
+
+Above the target the RFC's linear decrease (at most ``gain`` datagrams per
+RTT) needs many seconds to drain an overshoot, so the window shrinks
+multiplicatively as in LEDBAT++: by ``gain - decrease_constant x W x
+(queuing_delay / target - 1)`` datagrams per RTT, at most half the window.
 
 The window never grows beyond the flight plus ``allowed_increase``
 datagrams (no growth while application-limited).  Slow start (LEDBAT++
@@ -59,6 +64,13 @@ class Ledbat(CongestionControl):
         ),
         "base_history": Param(int, 10, "one-minute buckets of minimum RTT kept", min=1, max=60),
         "current_filter": Param(int, 4, "RTT samples the current delay is the minimum of", min=1),
+        "decrease_constant": Param(
+            float,
+            1.0,
+            "LEDBAT++ multiplicative decrease above the target (0: RFC 6817 linear)",
+            min=0.0,
+            max=4.0,
+        ),
         "allowed_increase": Param(
             int, 2, "datagrams the window may exceed the flight by", min=1, max=64
         ),
@@ -83,6 +95,13 @@ class Ledbat(CongestionControl):
         self._srtt = 0.0
         self.recovery_start_time: float | None = None
         self._flight_max = 0  # largest flight since the last ACK (for the growth cap)
+        # slow start is a phase, not "cwnd < ssthresh": a delay-based decrease
+        # below ssthresh must not restart it
+        self._slow_start = True
+
+    @property
+    def in_slow_start(self) -> bool:
+        return self._slow_start
 
     # -- delay estimation ---------------------------------------------------
 
@@ -150,14 +169,23 @@ class Ledbat(CongestionControl):
         qdelay = self.queuing_delay
         gain = self._gain()
         cwnd = self._cwnd
-        if self.in_slow_start:
-            if qdelay > 0.75 * self.target:
-                self.ssthresh = int(cwnd)  # leave slow start: the queue is building
+        if self._slow_start:
+            if qdelay > 0.75 * self.target or (self.ssthresh and cwnd >= self.ssthresh):
+                self._slow_start = False  # the queue is building (or back at ssthresh)
+                self.ssthresh = int(cwnd)
             else:
                 cwnd += gain * acked
         if not self.in_slow_start:
-            off_target = (self.target - qdelay) / self.target
-            cwnd += gain * off_target * acked * mss / cwnd
+            if qdelay <= self.target:
+                off_target = (self.target - qdelay) / self.target
+                cwnd += gain * off_target * acked * mss / cwnd
+            else:
+                # LEDBAT++ multiplicative decrease: per RTT, gain - constant x
+                # W x (qdelay / target - 1) datagrams, at most half the window
+                w = cwnd / mss
+                per_rtt = gain - self.params["decrease_constant"] * w * (qdelay / self.target - 1)
+                per_rtt = max(per_rtt, -w / 2)
+                cwnd += per_rtt * mss * acked / cwnd
         cap = flight + self.params["allowed_increase"] * mss
         if cwnd > self._cwnd:
             cwnd = min(cwnd, max(cap, self._cwnd))
@@ -176,12 +204,14 @@ class Ledbat(CongestionControl):
         self.recovery_start_time = now
         self._set_cwnd(self._cwnd / 2)
         self.ssthresh = self.congestion_window
+        self._slow_start = False
         self._update_pacing()
 
     def on_retransmission_timeout(self, *, now: float, bytes_in_flight: int) -> None:
         self.ssthresh = max(int(self._cwnd / 2), self.min_window)
         self._set_cwnd(self.min_window)
         self.recovery_start_time = now
+        self._slow_start = True  # back up to ssthresh, as after any timeout
         self._update_pacing()
 
     def state(self) -> dict:
