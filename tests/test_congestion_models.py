@@ -216,7 +216,7 @@ def test_bbr_random_loss_does_not_cut_rate_but_heavy_loss_caps_flight() -> None:
     rtt = rtt_of(0.05)
     cc.on_rtt_measurement(rtt=rtt, now=0.05)
     delivered, now = 0, 0.05
-    for i in range(40):
+    for _ in range(40):
         now += 0.05
         sample = RateSample(1e6, 50_000, 0.05, 0.05, False, delivered)
         delivered += 50_000
@@ -227,8 +227,9 @@ def test_bbr_random_loss_does_not_cut_rate_but_heavy_loss_caps_flight() -> None:
             bytes_in_flight=100_000,
             rate=sample,
         )
-        cc.on_packets_lost(packets=[Pkt(sent_time=now - 0.06, size=2500)], now=now,
-                           bytes_in_flight=100_000)  # 5 % loss every round
+        cc.on_packets_lost(
+            packets=[Pkt(sent_time=now - 0.06, size=2500)], now=now, bytes_in_flight=100_000
+        )  # 5 % loss every round
     assert cc.inflight_hi == float("inf")
     assert 0.03 < cc.loss_rate < 0.07
     assert cc.pacing_rate >= cc.pacing_gain * 1e6  # not cut; compensated for the loss
@@ -237,8 +238,9 @@ def test_bbr_random_loss_does_not_cut_rate_but_heavy_loss_caps_flight() -> None:
         now += 0.05
         sample = RateSample(1e6, 50_000, 0.05, 0.05, False, delivered)
         delivered += 50_000
-        cc.on_packets_lost(packets=[Pkt(sent_time=now - 0.06, size=40_000)], now=now,
-                           bytes_in_flight=100_000)
+        cc.on_packets_lost(
+            packets=[Pkt(sent_time=now - 0.06, size=40_000)], now=now, bytes_in_flight=100_000
+        )
         cc.on_packets_acked(
             packets=[Pkt(sent_time=now - 0.05, size=60_000)],
             now=now,
@@ -444,3 +446,40 @@ def test_registered_and_described() -> None:
         cls = reg.get("congestion", name)
         assert cls.describe()["params"]
         assert Composition.parse(f"congestion={name}")["congestion"].name == name
+
+
+# ============================================== engine fixes found on the way
+
+
+def test_long_rtt_path_has_no_spurious_timeout_storm() -> None:
+    """600 ms RTT: longer than the RTO derived from the initial 100 ms guess.
+    The OFFER is resent before the ACCEPT arrives; the handshake still
+    gives an RTT sample, and packets dropped by an RTO keep their send times
+    for late ACKs, so the RTO adapts (it used to fire every round trip,
+    1886 times for 8 MB)."""
+    data = bytes(2_000_000)
+    for cc in ("newreno", "bbr"):
+        result = run_transfer(
+            f"reliability=selective-repeat congestion={cc}",
+            forward=LinkConditions(delay=0.3, rate_bps=SIM_RATE, queue_bytes=750_000),
+            backward=LinkConditions(delay=0.3),
+            data_ab=data,
+            timeout=120,
+        )
+        assert result.b.data == data
+        assert result.a.stats["rto_count"] <= 1, (cc, result.a.stats["rto_count"])
+        assert result.b.last_data_at < 8.0, (cc, result.b.last_data_at)  # 1.6 s at line rate
+
+
+def test_sack_ranges_keep_the_newest_when_they_do_not_fit() -> None:
+    from vtl.core.connection import Connection
+    from vtl.core.wire import ACK_MAX_RANGES
+
+    conn = Connection(is_client=False)
+    for k in range(100):  # 100 ranges: every other segment missing
+        conn._rcv_ranges.add(2 * k + 1, 2 * k + 2)
+    ranges = conn._sack_ranges()
+    assert len(ranges) == ACK_MAX_RANGES
+    assert ranges == sorted(ranges)
+    assert ranges[0] == (1, 2)  # the oldest hole is still reported
+    assert ranges[-1] == (199, 200)  # and so is the newest delivery

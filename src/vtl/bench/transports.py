@@ -55,6 +55,8 @@ DEFAULT_TRANSPORTS = (
     "quic",
     f"vtl:{DEFAULT_VTL}",
     "vtl:reliability=go-back-n(window=64) congestion=newreno",
+    "vtl:reliability=selective-repeat congestion=cubic",
+    "vtl:reliability=selective-repeat congestion=bbr",
 )
 #: the transports of ``--quick``
 QUICK_TRANSPORTS = ("tcp-cubic", "quic", f"vtl:{DEFAULT_VTL}")

@@ -33,13 +33,16 @@ loss-related refinements:
 * ``loss_threshold`` (BBRv2-like): a round whose loss rate exceeds it is
   taken as *congestive* loss (a shallow buffer overflowing), and the flight
   is capped at ``beta x`` what was in flight (``inflight_hi``), a cap that
-  is raised again by one quarter each round without such loss.  The
-  default, 0.2, is far above random loss rates (2-5 %), so those never
-  trigger it; 0 turns it off (pure BBRv1).
+  is raised again by one quarter each round without such loss; in Startup
+  such a round also ends Startup (as in BBRv2).  The default, 0.2, is far
+  above random loss rates (2-5 %), so those never trigger it; 0 turns it
+  off (pure BBRv1).
 
 On a retransmission timeout the window drops to four datagrams and grows
-back by the bytes acknowledged up to the model's target (BBRv1's packet
-conservation), with the model itself kept.
+by the bytes acknowledged (BBRv1's packet conservation) until a packet sent
+after the timeout is acknowledged; then the window from before the timeout
+is restored (the model itself is kept throughout), and rounds limited by
+this recovery do not count towards the end of Startup.
 """
 
 from __future__ import annotations
@@ -166,6 +169,7 @@ class Bbr(CongestionControl):
         self.loss_rate = 0.0  # smoothed per-round loss rate
         self.inflight_hi: float = float("inf")
         self._rto_recovery = False
+        self._rto_time = 0.0
         self._last_flight = 0
         self.pacing_rate = None
 
@@ -197,11 +201,12 @@ class Bbr(CongestionControl):
 
     def _set_pacing_rate(self) -> None:
         bw = self.btl_bw
+        if self.pacing_rate is None:
+            # before the model exists: startup gain x initial window / RTT (Linux BBR)
+            rtt = self.min_rtt if self.min_rtt != float("inf") else self._srtt
+            if rtt > 0:
+                self.pacing_rate = self.params["startup_gain"] * self.initial_window / rtt
         if bw <= 0:
-            if self._srtt > 0 or self.min_rtt != float("inf"):
-                rtt = self.min_rtt if self.min_rtt != float("inf") else self._srtt
-                rate = self.params["startup_gain"] * self.congestion_window / max(rtt, 1e-4)
-                self.pacing_rate = rate
             return
         rate = self.pacing_gain * bw * self._loss_factor()
         if self.filled_pipe or self.pacing_rate is None or rate > self.pacing_rate:
@@ -230,6 +235,8 @@ class Bbr(CongestionControl):
     def _check_full_pipe(self, rate: RateSample | None) -> None:
         if self.filled_pipe or not self._round_start or rate is None or rate.is_app_limited:
             return
+        if self._rto_recovery:
+            return  # limited by the post-timeout window, not by the path
         if self.btl_bw >= self._full_bw * FULL_BW_GROWTH:
             self._full_bw = self.btl_bw
             self._full_bw_count = 0
@@ -316,6 +323,7 @@ class Bbr(CongestionControl):
         if threshold > 0 and enough and frac > threshold:
             flight = max(self._last_flight, bytes_in_flight)
             self.inflight_hi = max(flight * self.params["beta"], float(self.min_cwnd))
+            self.filled_pipe = True  # Startup overshot the queue: leave it (BBRv2)
         elif self.inflight_hi != float("inf"):
             self.inflight_hi *= 1.25
             if self.inflight_hi > 4 * max(self.bdp(self.cwnd_gain), self.min_cwnd):
@@ -355,6 +363,13 @@ class Bbr(CongestionControl):
     ) -> None:
         self._srtt = rtt.smoothed
         acked = sum(p.size for p in packets if p.in_flight)
+        if self._rto_recovery and any(p.sent_time > self._rto_time for p in packets):
+            # a packet sent after the timeout arrived: recovery is over, the
+            # model (and the window before the timeout) still hold, as in
+            # Linux BBR's restore of prior_cwnd
+            self._rto_recovery = False
+            self.congestion_window = max(self.congestion_window, self._prior_cwnd)
+            self._prior_cwnd = 0
         self._update_round(rate, packets)
         if self._round_start:
             self._end_loss_round(bytes_in_flight)
@@ -376,13 +391,12 @@ class Bbr(CongestionControl):
         cwnd = self.congestion_window
         if self._rto_recovery:
             cwnd += acked  # packet conservation after a timeout: regrow by what left
-            if cwnd >= target:
-                self._rto_recovery = False
         elif self.filled_pipe:
             cwnd = min(cwnd + acked, target)
         elif cwnd < target or self.btl_bw <= 0:
             cwnd += acked
-        self.congestion_window = int(max(min(cwnd, max(target, self.min_cwnd)), self.min_cwnd))
+        # in Startup a window above the target is kept, not cut (Linux BBR)
+        self.congestion_window = int(max(cwnd, self.min_cwnd))
 
     def on_packets_lost(
         self, *, packets: list[SentPacketInfo], now: float, bytes_in_flight: int
@@ -396,6 +410,7 @@ class Bbr(CongestionControl):
         self._prior_cwnd = max(self._prior_cwnd, self.congestion_window)
         self.congestion_window = self.min_cwnd
         self._rto_recovery = True
+        self._rto_time = now
 
     def state(self) -> dict:
         return {
