@@ -75,7 +75,10 @@ def test_builtin_list_registers_and_describes():
     for cls in BUILTIN:
         reg.register(cls)
     assert reg.inventory()["congestion"] == {
+        "bbr": ["1.0"],
+        "cubic": ["1.0"],
         "fixed-rate": ["1.0"],
+        "ledbat": ["1.0"],
         "newreno": ["1.0"],
         "none": ["1.0"],
     }

@@ -179,8 +179,17 @@ def test_constant_rate_with_congestion_control_required_falls_back_and_says_why(
     assert "congestion_control=Require: congestion=fixed-rate" in sel.explain()
 
 
-def test_scavenger_is_approximated_and_says_so():
+def test_scavenger_selects_ledbat():
     sel = select(TransportProperties.background())
+    assert sel.top.composition["congestion"].name == "ledbat"
+    assert "yields to others" in sel.explain()
+
+
+def test_scavenger_is_approximated_and_says_so():
+    reg = Registry()
+    register_builtins(reg)
+    reg.unregister("congestion", "ledbat")
+    sel = select(TransportProperties.background(), registry=reg)
     cc = sel.top.composition["congestion"]
     assert cc.name == "newreno" and cc.params["beta"] < 0.5
     assert "approximation of a scavenger" in sel.explain()
@@ -350,7 +359,7 @@ def test_explain_mentions_the_deciding_properties():
 
 def test_explain_says_why_the_runner_up_lost():
     sel = select(TransportProperties.reliable_messages())
-    text = sel.explain(alternatives=2)
+    text = sel.explain(alternatives=4)
     assert "Runners-up" in text and "go-back-n" in text and "behind" in text
     summary = sel.summary()
     assert summary.startswith("chose ") and "runner-up" in summary

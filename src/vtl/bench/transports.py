@@ -55,7 +55,9 @@ DEFAULT_TRANSPORTS = (
     "quic",
     f"vtl:{DEFAULT_VTL}",
     "vtl:reliability=go-back-n(window=64) congestion=newreno",
-    f"vtl:{DEFAULT_VTL} fec=reed-solomon(k=8,m=2)",
+    "vtl:reliability=selective-repeat congestion=cubic",
+    "vtl:reliability=selective-repeat congestion=bbr",
+    "vtl:reliability=selective-repeat congestion=bbr fec=reed-solomon(k=8,m=2)",
 )
 #: the transports of ``--quick``
 QUICK_TRANSPORTS = ("tcp-cubic", "quic", f"vtl:{DEFAULT_VTL}")

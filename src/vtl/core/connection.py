@@ -154,6 +154,7 @@ class Connection(
         self._retx_heap: list[int] = []
         self._retx_set: set[int] = set()
         self._sent: OrderedDict[int, SentPacket] = OrderedDict()
+        self._rto_sent: dict[int, float] = {}  # send times of packets dropped by the last RTO
         self._bytes_in_flight = 0
         self._next_pn = 0
         self._largest_acked_pn = -1

@@ -136,8 +136,12 @@ class HandshakeMixin:
             self.peer_inventory = {}
         self._largest_pn_rx = self._largest_pn_seen = self._expand_pn_rx(p.pn)
         self._largest_pn_rx_time = now
-        if self._hs_sends == 1:
-            self.rtt.on_sample(now - self._hs_started)
+        # With the OFFER resent the sample is ambiguous: time it from the last
+        # OFFER (only OFFERs leave before this point), which can only
+        # underestimate; the first data ACKs correct it.  No sample at all
+        # would leave the initial 100 ms guess, and on a path with a longer
+        # RTT every data flight would then time out spuriously.
+        self.rtt.on_sample(now - (self._hs_started if self._hs_sends == 1 else self._last_tx))
         self._adopt(comp, peer_isn, peer_mds)
         # the composition fixes the window: a larger advertisement is not believed
         self._peer_window_limit = self._snd_una + min(window, self.flow.window)

@@ -251,6 +251,20 @@ class ReceiverMixin:
         self._check_eof()
         return fresh
 
+    def _sack_ranges(self) -> list[tuple[int, int]]:
+        """The SACK ranges of one ACK.  With more ranges than fit, report the
+        lowest few (the oldest holes) and the highest ones, like TCP's
+        most-recent-first SACK blocks: the sender keeps what it learnt
+        before, and if only the lowest ranges were sent, it would not hear
+        of the newest deliveries until the holes below were filled (its
+        flight, and its delivery-rate samples, then jump all at once)."""
+        limit = wire.ACK_MAX_RANGES
+        ranges = self._rcv_ranges.ranges()
+        if len(ranges) <= limit:
+            return ranges
+        low = limit // 4
+        return ranges[:low] + ranges[len(ranges) - (limit - low) :]
+
     def _send_ack(self, out: list[bytes], now: float) -> None:
         flags = 0
         if self._confirm_pending:
@@ -264,7 +278,7 @@ class ReceiverMixin:
         delay_us = 0
         if self._largest_pn_rx_time:
             delay_us = int(max(0.0, now - self._largest_pn_rx_time) * 1e6)
-        ranges = self._rcv_ranges.ranges(wire.ACK_MAX_RANGES) if self.reliability.sack else []
+        ranges = self._sack_ranges() if self.reliability.sack else []
         frame = wire.AckFrame(
             self._rcv_next, self._window_limit, max(self._largest_pn_rx, 0), delay_us, ranges
         )

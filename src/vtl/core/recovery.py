@@ -90,8 +90,9 @@ class RecoveryMixin:
                     if a.pn == largest_pn:
                         sp = a
                         break
-            if sp is not None:
-                self.rtt.on_sample(now - sp.sent_time, frame.ack_delay_us / 1e6)
+            sent_time = sp.sent_time if sp is not None else self._rto_sent.get(largest_pn)
+            if sent_time is not None:
+                self.rtt.on_sample(now - sent_time, frame.ack_delay_us / 1e6)
                 self.cc.on_rtt_measurement(rtt=self.rtt, now=now)
         if self._fec_flight is not None:
             self._fec_on_ack(p)  # REPAIRs leave the flight, not as losses
@@ -210,6 +211,12 @@ class RecoveryMixin:
         self.cc.on_retransmission_timeout(now=now, bytes_in_flight=self._bytes_in_flight)
         lost = [sp.seq for sp in self._sent.values() if sp.seq >= 0]
         self.stats["packets_lost"] += sum(1 for sp in self._sent.values() if sp.in_flight)
+        # Keep the send times: on a path whose RTT exceeds the RTO (a long
+        # RTT before the first sample) the late ACK of these packets is the
+        # only RTT sample there can be; without it the RTO never grows and
+        # fires every round trip.  Packet numbers are never reused, so the
+        # sample is unambiguous.
+        self._rto_sent = {pn: sp.sent_time for pn, sp in self._sent.items()}
         self._sent.clear()
         self._bytes_in_flight = 0
         self._loss_deadline = None

@@ -87,6 +87,7 @@ _CONGESTION_KNOWLEDGE: dict[str, dict[str, Any]] = {
     "none": {"congestion_controlled": False},
     "fixed-rate": {"congestion_controlled": False, "constant_rate": True},
     "newreno": {"congestion_controlled": True},
+    "ledbat": {"congestion_controlled": True, "scavenger": True},
 }
 
 _RECOVERY_TEXT = {
@@ -968,6 +969,14 @@ class Selector:
 
     def _score_profile(self, comp, t: CompositionTraits, add) -> None:
         profile = self.properties.capacity_profile
+        if t.scavenger and profile is not CapacityProfile.SCAVENGER:
+            # a scavenger only makes sense when the application asked to yield
+            add(
+                "profile:yield",
+                -W_PROFILE,
+                f"congestion={comp['congestion'].name} yields to all other traffic "
+                "(only for capacity_profile=scavenger)",
+            )
         if profile is CapacityProfile.DEFAULT:
             return
         tag = f"capacity_profile={profile.value}"
