@@ -360,7 +360,8 @@ def test_explain_mentions_the_deciding_properties():
 def test_explain_says_why_the_runner_up_lost():
     sel = select(TransportProperties.reliable_messages())
     text = sel.explain(alternatives=4)
-    assert "Runners-up" in text and "go-back-n" in text and "behind" in text
+    assert "Runners-up" in text and "2. reliability=" in text and "behind" in text
+    assert "go-back-n" in sel.explain(alternatives=40)  # further down, with its reason
     summary = sel.summary()
     assert summary.startswith("chose ") and "runner-up" in summary
 

@@ -39,7 +39,7 @@ from typing import Any
 from vtl.core import wire
 from vtl.core.composition import DEFAULTS, Composition
 from vtl.core.errors import CompositionError, SelectionError
-from vtl.core.registry import ROLES, Registry, default_registry
+from vtl.core.registry import OPTIONAL_ROLES, ROLES, Registry, default_registry
 from vtl.service.properties import (
     SELECTION_PROPERTIES,
     CapacityProfile,
@@ -380,7 +380,10 @@ class Selection:
             ranked = [c for c in ranked if not c.traits.encrypted] or ranked
         top = ranked[0]
         chosen: list[Candidate] = [top]
-        for role in ROLES:
+        # optional roles first (a peer is likeliest to lack security, fec or
+        # integrity TFs), then the core roles
+        fallback_roles = (*reversed(OPTIONAL_ROLES), *(r for r in ROLES if r not in OPTIONAL_ROLES))
+        for role in fallback_roles:
             if len(chosen) >= max_offers:
                 break
             mine = top.composition[role].name
