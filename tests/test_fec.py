@@ -431,3 +431,15 @@ def test_fec_added_to_a_running_connection_protects_small_messages() -> None:
     r = t.run()
     assert r.clean and b"".join(r.b.messages) == data
     assert r.a.stats["fec_repair_sent"] > 0 and r.b.stats["fec_recovered"] > 0
+
+
+def test_fec_with_bbr_keeps_request_response_at_one_round_trip() -> None:
+    """Request/response is app-limited: its one-packet-per-RTT delivery
+    samples must not become BBR's bandwidth estimate, or the REPAIR behind
+    each response is paced a whole RTT later (p50 was 64 ms on a 40 ms path
+    until packets sent from an empty pipe were marked app-limited)."""
+    lat, retx = rr_latencies(
+        "reliability=selective-repeat congestion=bbr fec=reed-solomon(k=8,m=2)", 0.02, 1, count=200
+    )
+    assert p99(lat) < 0.05 and lat[len(lat) // 2] < 0.045
+    assert retx == 0

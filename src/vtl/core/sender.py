@@ -79,7 +79,9 @@ class SenderMixin:
                     if self._persist_deadline is None and not self._outstanding:
                         self._persist_deadline = now + self.rtt.rto()
                 elif not self._unsent:
-                    self._app_limited_until = self._delivered + self._bytes_in_flight
+                    # +1: with nothing in flight the next packet is app-limited
+                    # too (the draft's "C.app_limited = delivered + inflight ?: 1")
+                    self._app_limited_until = self._delivered + self._bytes_in_flight + 1
                 break
             size_est = (
                 len(seg.payload) if seg is not None else len(self._unsent[0][0])
