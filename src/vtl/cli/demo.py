@@ -16,8 +16,8 @@ import time
 from vtl.cli.common import emit, fail
 
 DEFAULT_COMPOSITIONS = [
-    "reliability=selective-repeat congestion=newreno",
-    "reliability=go-back-n(window=64) congestion=newreno",
+    "reliability=selective-repeat congestion=bbr",  # does not read random loss as congestion
+    "reliability=selective-repeat congestion=newreno",  # does, like kernel cubic
 ]
 
 

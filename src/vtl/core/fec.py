@@ -398,6 +398,10 @@ class FecMixin:
             sp = sent.pop(flight.popleft()[0], None)
             if sp is not None and sp.in_flight:
                 self._bytes_in_flight -= sp.size
+                # a released REPAIR went through the path: count it as delivered,
+                # else delivery-rate samples see only the data share of what was
+                # paced and a model-based controller (bbr) ratchets itself down
+                self._delivered += sp.size
 
     def _fec_hold(self, sp: SentPacket, largest: int, now: float, delay: float) -> float | None:
         """Loss detection asks whether a DATA packet past the packet
