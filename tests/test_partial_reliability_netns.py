@@ -125,7 +125,8 @@ def _check_run(sent: dict, got: dict, link: dict) -> tuple[list[int], list[float
     assert got["connection"]["messages_abandoned_rx"] == len(reported)
     # the sender may also abandon messages that arrive anyway (not reported)
     assert sent["connection"]["messages_abandoned"] >= len(reported)
-    assert len(reported) <= link["drop_loss"]
+    # (no bound by the link's drops: with a lifetime shorter than the time a
+    # message waits behind the congestion window, it expires unsent)
     latencies = [d[2] for d in delivered]
     assert min(latencies) > ONE_WAY - 0.001  # one clock for both namespaces: sane
     return reported, latencies
