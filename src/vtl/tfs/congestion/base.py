@@ -13,9 +13,24 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from vtl.core.rtt import RttEstimator
-from vtl.tfs.base import TransportFunction
+from vtl.tfs.base import Param, TransportFunction
 
 INFINITE_WINDOW = 1 << 62
+
+
+def window_params(initial: int, floor: int | None = 2) -> dict[str, Param]:
+    """The window-size parameters window-based controllers share (initial
+    window and, unless ``floor`` is None, its floor), in datagrams."""
+    out = {
+        "initial_window_packets": Param(
+            int, initial, "initial congestion window in maximum-size datagrams", min=1
+        )
+    }
+    if floor is not None:
+        out["min_window_packets"] = Param(
+            int, floor, "floor of the congestion window in maximum-size datagrams", min=1
+        )
+    return out
 
 
 class SentPacketInfo(Protocol):

@@ -52,7 +52,7 @@ from typing import ClassVar
 
 from vtl.core.rtt import RttEstimator
 from vtl.tfs.base import Param
-from vtl.tfs.congestion.base import CongestionControl, RateSample, SentPacketInfo
+from vtl.tfs.congestion.base import CongestionControl, RateSample, SentPacketInfo, window_params
 
 HIGH_GAIN = 2 / 0.693147  # 2 / ln 2: doubles the sending rate each round
 PROBE_BW_GAINS = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
@@ -131,9 +131,7 @@ class Bbr(CongestionControl):
         "compensate_loss": Param(
             bool, True, "scale the rate by 1 / (1 - loss rate) so random loss leaves no gap"
         ),
-        "initial_window_packets": Param(
-            int, 10, "initial congestion window in maximum-size datagrams", min=1
-        ),
+        **window_params(10, floor=None),
     }
 
     def __init__(self, params: dict | None = None, *, max_datagram_size: int = 1452) -> None:

@@ -40,7 +40,7 @@ from typing import ClassVar
 
 from vtl.core.rtt import RttEstimator
 from vtl.tfs.base import Param
-from vtl.tfs.congestion.base import RateSample, SentPacketInfo
+from vtl.tfs.congestion.base import RateSample, SentPacketInfo, window_params
 from vtl.tfs.congestion.newreno import NewReno
 
 # HyStart++ constants (RFC 9406 section 4.3)
@@ -68,12 +68,7 @@ class Cubic(NewReno):
         ),
         "reno_friendly": Param(bool, True, "never grow slower than an equivalent AIMD (Reno) flow"),
         "hystart": Param(bool, True, "HyStart++ (RFC 9406) delay-based slow-start exit"),
-        "initial_window_packets": Param(
-            int, 10, "initial congestion window in maximum-size datagrams", min=1
-        ),
-        "min_window_packets": Param(
-            int, 2, "floor of the congestion window in maximum-size datagrams", min=1
-        ),
+        **window_params(10),
     }
 
     def __init__(self, params: dict | None = None, *, max_datagram_size: int = 1452) -> None:

@@ -45,7 +45,7 @@ from typing import ClassVar
 
 from vtl.core.rtt import RttEstimator
 from vtl.tfs.base import Param
-from vtl.tfs.congestion.base import CongestionControl, RateSample, SentPacketInfo
+from vtl.tfs.congestion.base import CongestionControl, RateSample, SentPacketInfo, window_params
 
 BASE_BUCKET = 60.0  # seconds per base-delay history bucket (RFC 6817)
 
@@ -74,12 +74,7 @@ class Ledbat(CongestionControl):
         "allowed_increase": Param(
             int, 2, "datagrams the window may exceed the flight by", min=1, max=64
         ),
-        "initial_window_packets": Param(
-            int, 4, "initial congestion window in maximum-size datagrams", min=1
-        ),
-        "min_window_packets": Param(
-            int, 2, "floor of the congestion window in maximum-size datagrams", min=1
-        ),
+        **window_params(4),
     }
 
     def __init__(self, params: dict | None = None, *, max_datagram_size: int = 1452) -> None:

@@ -36,7 +36,7 @@ from typing import ClassVar
 
 from vtl.core.rtt import RttEstimator
 from vtl.tfs.base import Param
-from vtl.tfs.congestion.base import CongestionControl, RateSample, SentPacketInfo
+from vtl.tfs.congestion.base import CongestionControl, RateSample, SentPacketInfo, window_params
 
 
 class NewReno(CongestionControl):
@@ -48,12 +48,7 @@ class NewReno(CongestionControl):
         "beta": Param(
             float, 0.5, "multiplicative window reduction factor on loss", min=0.1, max=0.9
         ),
-        "initial_window_packets": Param(
-            int, 10, "initial congestion window in maximum-size datagrams", min=1
-        ),
-        "min_window_packets": Param(
-            int, 2, "floor of the congestion window in maximum-size datagrams", min=1
-        ),
+        **window_params(10),
     }
 
     def __init__(self, params: dict | None = None, *, max_datagram_size: int = 1452) -> None:
