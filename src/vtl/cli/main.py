@@ -10,7 +10,7 @@ from vtl import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vtl.cli import bench, demo, keys, testbed, tf, tfs, transfer
+    from vtl.cli import bench, demo, hooker, keys, testbed, tf, tfs, transfer
 
     p = argparse.ArgumentParser(
         prog="vtl", description="VTL, the Virtual Transport Layer: transport as a service."
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     testbed.add_parser(sub)
     keys.add_parser(sub)
+    hooker.add_parsers(sub)
     return p
 
 
