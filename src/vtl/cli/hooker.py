@@ -42,7 +42,11 @@ def add_parsers(sub: Any) -> None:
     )
     s.add_argument("--probe-timeout", type=float, default=1.0, help="s to wait for a peer Hooker")
     s.add_argument("--control", help="control socket (default: per network namespace)")
-    s.add_argument("--splice-budget", type=int, help="bytes per socket spliced by sk_msg")
+    s.add_argument(
+        "--splice-budget",
+        type=int,
+        help="bytes per socket spliced by sk_msg (default 0: off, see docs/hooker.md)",
+    )
     s.set_defaults(func=cmd_start)
 
     st = hsub.add_parser("status", help="programs, rules, hooked flows and counters")

@@ -31,7 +31,7 @@ from vtl.hooker.libbpf import (
 
 SO_NETNS_COOKIE = 71  # linux/socket.h (not in Python's socket module)
 
-DEFAULT_SPLICE_BUDGET = 256 * 1024  # like a socket buffer: see bpf/vtl_hooker.h
+DEFAULT_SPLICE_BUDGET = 0  # opt-in: see add_sock() in bpf/vtl_hooker.bpf.c
 PEER_CAPABLE = 1
 PEER_INCAPABLE = 2
 

@@ -236,13 +236,19 @@ static __always_inline void sock_key(struct bpf_sock_ops *skops, struct vtl_sock
 	k->remote_port = bpf_ntohl(skops->remote_port);
 }
 
-static __always_inline void add_sock(struct bpf_sock_ops *skops, struct vtl_sock_key *k, __u32 ctr)
+static __always_inline void add_sock(struct bpf_sock_ops *skops, struct vtl_config *cfg,
+				     struct vtl_sock_key *k, __u32 ctr)
 {
-	if (bpf_sock_hash_update(skops, &vtl_socks, k, BPF_ANY) == 0) {
+	/* the close callback drops this socket's entries in our maps */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	/* Splicing is opt-in (splice_budget > 0): a socket in a SOCKHASH reads
+	 * through tcp_bpf_recvmsg, where a reader blocked when a RST arrives gets
+	 * EAGAIN instead of ECONNRESET (seen on this kernel), and a redirect
+	 * ignores the receiver's buffer limit.  See docs/hooker.md. */
+	if (!cfg->splice_budget)
+		return;
+	if (bpf_sock_hash_update(skops, &vtl_socks, k, BPF_ANY) == 0)
 		count(ctr, 1);
-		/* ask for the close callback so per-socket state is dropped */
-		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-	}
 }
 
 SEC("sockops")
@@ -265,26 +271,26 @@ int vtl_sockops(struct bpf_sock_ops *skops)
 			/* an app socket we sent to the Hooker */
 			struct vtl_addr app = { .ip4 = key.local_ip4, .port = key.local_port };
 			bpf_map_update_elem(&vtl_flows, &app, orig, BPF_ANY);
-			add_sock(skops, &key, VTL_C_SOCK_APP);
+			add_sock(skops, cfg, &key, VTL_C_SOCK_APP);
 			break;
 		}
 		/* the peer Hooker's socket to the local server */
 		struct vtl_addr me = { .ip4 = key.local_ip4, .port = key.local_port };
 		if (bpf_map_lookup_elem(&vtl_peer_names, &me))
-			add_sock(skops, &key, VTL_C_SOCK_HOOKER);
+			add_sock(skops, cfg, &key, VTL_C_SOCK_HOOKER);
 		break;
 	}
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: {
 		sock_key(skops, &key);
 		if (key.local_ip4 == cfg->listen_ip4 && key.local_port == cfg->listen_port) {
 			/* the Hooker's end of a redirected connection */
-			add_sock(skops, &key, VTL_C_SOCK_HOOKER);
+			add_sock(skops, cfg, &key, VTL_C_SOCK_HOOKER);
 			break;
 		}
 		/* the server's end of a connection from the peer Hooker */
 		struct vtl_addr peer = { .ip4 = key.remote_ip4, .port = key.remote_port };
 		if (bpf_map_lookup_elem(&vtl_peer_names, &peer))
-			add_sock(skops, &key, VTL_C_SOCK_APP);
+			add_sock(skops, cfg, &key, VTL_C_SOCK_APP);
 		break;
 	}
 	case BPF_SOCK_OPS_STATE_CB:
