@@ -2,7 +2,8 @@
 # Idempotent set-up of a fresh machine (Debian 12, root) for VTL:
 #   - Debian packages from scripts/apt-packages.txt (only the missing ones),
 #   - bpffs mounted at /sys/fs/bpf,
-#   - .venv (pyenv CPython >= 3.11) with `pip install -e '.[test]'`.
+#   - .venv (pyenv CPython >= 3.11) with `pip install -e '.[test]'`,
+#   - the Hooker's BPF objects (clang; cached under /var/cache/vtl/bpf).
 # Safe to run repeatedly and from any directory.
 set -euo pipefail
 
@@ -98,6 +99,16 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] \
     rm -f "$stamp"
     "$VENV/bin/python" -m pip install -q -e '.[test]'
     echo "$want" > "$stamp"
+fi
+
+# --- BPF objects -------------------------------------------------------------
+# The Hooker's BPF C programs (src/vtl/hooker/bpf/) are compiled with clang
+# now, so a broken toolchain shows here and not at the first hooked flow.
+# Objects are cached by source hash under /var/cache/vtl/bpf.
+if [ "$(id -u)" -eq 0 ]; then
+    "$VENV/bin/python" -m vtl.hooker.build >&2
+else
+    log "not root: skipping the BPF build (the Hooker needs root anyway)"
 fi
 
 log "ready: $("$VENV/bin/python" --version 2>&1), kernel $(uname -r)"
