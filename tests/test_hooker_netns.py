@@ -357,6 +357,18 @@ def test_vtl_run_hooks_a_command_by_cgroup(net: dict[str, Any]) -> None:
         st = ha.status()
         assert st["kernel"]["connect_redirected"] == r0 + 1
         assert not st["policy"]["cgroups"], "vtl run left its cgroup rule behind"
+        # rules change at run time: hook 5005 for everyone, then unhook it
+        vtl = [PY, "-m", "vtl", "hooker"]
+        a.run([*vtl, "hook", "5005"], env=ENV)
+        r = run_client(a, b.ip4, "5005", "exchange", "--bytes", "50000")
+        assert r["reply"]["sha"] == r["sha"]
+        assert ha.status()["kernel"]["connect_redirected"] == r0 + 2
+        a.run([*vtl, "unhook", "5005"], env=ENV)
+        assert 5005 not in ha.status()["policy"]["ports"]
+        bad = a.run([*vtl, "unhook", "5005"], env=ENV, check=False)
+        assert bad.returncode == 1 and "no such rule" in bad.stderr
+        r = run_client(a, b.ip4, "5005", "exchange", "--bytes", "50000")
+        assert ha.status()["kernel"]["connect_redirected"] == r0 + 2
     finally:
         srv.kill()
 

@@ -54,6 +54,16 @@ def add_parsers(sub: Any) -> None:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
 
+    hk = hsub.add_parser("hook", help="hook a destination port or IPv4 prefix now")
+    hk.add_argument("target", metavar="PORT|CIDR")
+    hk.add_argument("--composition", "-c")
+    hk.add_argument("--control")
+    hk.set_defaults(func=cmd_hook)
+    uh = hsub.add_parser("unhook", help="stop hooking a destination port or prefix")
+    uh.add_argument("target", metavar="PORT|CIDR")
+    uh.add_argument("--control")
+    uh.set_defaults(func=cmd_unhook)
+
     sp = hsub.add_parser("stop", help="stop the Hooker: nothing of VTL stays in the kernel")
     sp.add_argument("--control")
     sp.set_defaults(func=cmd_stop)
@@ -162,6 +172,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target(text: str) -> dict[str, Any]:
+    return {"port": int(text)} if text.isdigit() else {"prefix": text}
+
+
+def _rule_cmd(args: argparse.Namespace, req: dict[str, Any]) -> int:
+    from vtl.hooker.daemon import control
+
+    try:
+        reply = control(args.control, req)
+    except (OSError, ConnectionError, TimeoutError) as exc:
+        print(f"vtl hooker {req['cmd']}: {exc}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"vtl hooker {req['cmd']}: {reply.get('error')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_hook(args: argparse.Namespace) -> int:
+    req = {"cmd": "hook", **_target(args.target), "composition": args.composition}
+    return _rule_cmd(args, req)
+
+
+def cmd_unhook(args: argparse.Namespace) -> int:
+    return _rule_cmd(args, {"cmd": "unhook", **_target(args.target)})
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     from vtl.hooker.daemon import control
 
@@ -206,7 +243,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cgid = cgroup_id(cg)
     try:
         reply = control(
-            args.control, {"cmd": "hook_cgroup", "cgroup": cgid, "composition": args.composition}
+            args.control, {"cmd": "hook", "cgroup": cgid, "composition": args.composition}
         )
         if not reply.get("ok"):
             print(f"vtl run: the Hooker refused: {reply.get('error')}", file=sys.stderr)
@@ -234,6 +271,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     finally:
         with contextlib.suppress(Exception):
-            control(args.control, {"cmd": "unhook_cgroup", "cgroup": cgid})
+            control(args.control, {"cmd": "unhook", "cgroup": cgid})
         with contextlib.suppress(OSError):
             cg.rmdir()

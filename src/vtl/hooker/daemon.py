@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import ipaddress
 import json
 import logging
 import os
@@ -227,13 +228,26 @@ class Hooker:
             raise ValueError("a rule needs a port, a prefix or a cgroup")
         return rid
 
-    def remove_cgroup_rule(self, cgid: int) -> bool:
+    def remove_rule(self, *, port: int | None = None, prefix: str | None = None,
+                    cgroup: int | None = None) -> bool:  # fmt: skip
+        """Remove the rule for this port, prefix or cgroup (new connect()s
+        stop being hooked; flows already carried go on)."""
         for rid, rule in list(self._rules.items()):
-            if rule.cgroup == cgid:
-                del self._rules[rid]
-                if self.kernel is not None:
-                    self.kernel.unhook_cgroup(cgid)
-                return True
+            if (port is not None and rule.port == port) or (
+                cgroup is not None and rule.cgroup == cgroup
+            ) or prefix is not None and rule.prefix is not None and _same_net(rule.prefix, prefix):
+                pass
+            else:
+                continue
+            del self._rules[rid]
+            if self.kernel is not None:
+                if rule.port is not None:
+                    self.kernel.unhook_port(rule.port)
+                elif rule.prefix is not None:
+                    self.kernel.unhook_prefix(rule.prefix)
+                elif rule.cgroup is not None:
+                    self.kernel.unhook_cgroup(rule.cgroup)
+            return True
         return False
 
     def _peer_changed(self, peer: Any, old: PeerState, new: PeerState) -> None:
@@ -363,11 +377,28 @@ class Hooker:
         if cmd == "stop":
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop()))
             return {"ok": True}
-        if cmd == "hook_cgroup":
-            rid = self.add_rule(Rule(cgroup=int(req["cgroup"]), composition=req.get("composition")))
-            return {"ok": True, "rule": rid}
-        if cmd == "unhook_cgroup":
-            return {"ok": self.remove_cgroup_rule(int(req["cgroup"]))}
+        if cmd == "hook":
+            rule = Rule(
+                port=_opt_int(req.get("port")),
+                prefix=req.get("prefix"),
+                cgroup=_opt_int(req.get("cgroup")),
+                composition=req.get("composition"),
+            )
+            if sum(x is not None for x in (rule.port, rule.prefix, rule.cgroup)) != 1:
+                return {"ok": False, "error": "give exactly one of port, prefix, cgroup"}
+            if rule.port is not None and not 0 < rule.port < 65536:
+                return {"ok": False, "error": f"bad port {rule.port}"}
+            if rule.prefix is not None:
+                ipaddress.IPv4Network(rule.prefix, strict=False)  # ValueError -> error reply
+            self.remove_rule(port=rule.port, prefix=rule.prefix, cgroup=rule.cgroup)
+            return {"ok": True, "rule": self.add_rule(rule)}
+        if cmd == "unhook":
+            found = self.remove_rule(
+                port=_opt_int(req.get("port")),
+                prefix=req.get("prefix"),
+                cgroup=_opt_int(req.get("cgroup")),
+            )
+            return {"ok": found} if found else {"ok": False, "error": "no such rule"}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
     # ------------------------------------------------------------ stop
@@ -406,6 +437,14 @@ class Hooker:
         if self.kernel is not None:
             self.kernel.close()
         self._stopped.set()
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _same_net(a: str, b: str) -> bool:
+    return ipaddress.IPv4Network(a, strict=False) == ipaddress.IPv4Network(b, strict=False)
 
 
 async def _control_alive(path: Path) -> bool:
