@@ -89,7 +89,11 @@ def _xlib() -> ctypes.CDLL:
         lib = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
         u32p = ctypes.POINTER(ctypes.c_uint32)
         for name, args, res in (
-            ("bpf_link_create", [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p], ctypes.c_int),
+            (
+                "bpf_link_create",
+                [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p],
+                ctypes.c_int,
+            ),
             ("bpf_xdp_query_id", [ctypes.c_int, ctypes.c_int, u32p], ctypes.c_int),
             ("bpf_prog_get_fd_by_id", [ctypes.c_uint32], ctypes.c_int),
             ("bpf_obj_get_info_by_fd", [ctypes.c_int, ctypes.c_void_p, u32p], ctypes.c_int),
@@ -135,7 +139,9 @@ def _ifindex(interface: str | int) -> tuple[int, str]:
     try:
         return socket.if_nametoindex(interface), interface
     except OSError as exc:
-        raise BpfError(errno.ENODEV, f"no interface {interface!r} in this network namespace") from exc
+        raise BpfError(
+            errno.ENODEV, f"no interface {interface!r} in this network namespace"
+        ) from exc
 
 
 class XdpFilter:
@@ -194,7 +200,9 @@ class XdpFilter:
                 owner = attached_program(self.ifindex)
                 raise self._busy(owner or (0, "unknown")) from None
             errors.append(f"{name}: {os.strerror(err)}")
-        raise BpfError(errno.EOPNOTSUPP, f"cannot attach XDP to {self.ifname} ({'; '.join(errors)})")
+        raise BpfError(
+            errno.EOPNOTSUPP, f"cannot attach XDP to {self.ifname} ({'; '.join(errors)})"
+        )
 
     @property
     def attached(self) -> bool:
