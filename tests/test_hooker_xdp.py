@@ -277,6 +277,24 @@ def test_vtl_transfer_passes_and_map_follows_the_endpoint(
     _wait_gone(pair, srv.ready["prog_id"])
 
 
+@pytest.mark.netns
+def test_program_verdicts_in_a_kernel_test_run(pair: NetnsPair) -> None:
+    """XdpFilter.test_run (BPF_PROG_TEST_RUN), which the cost measurement uses."""
+    out = pair.b.run(
+        [sys.executable, PEER, "cost", "--ifname", str(pair.b.ifname), "--repeat", "1000"],
+        timeout=120,
+    ).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    assert {name: r["verdict"] for name, r in res.items()} == {
+        "valid DATA (1452 B), known connection": "pass",
+        "DATA for an unknown connection": "drop",
+        "malformed (bad version)": "drop",
+        "UDP to another port": "pass",
+        "TCP": "pass",
+    }
+    assert all(0 <= r["ns"] < 100_000 for r in res.values()), res
+
+
 # --------------------------------------------------------------- lifetime
 
 

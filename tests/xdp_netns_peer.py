@@ -11,6 +11,12 @@ everything (filter first) and prints a last report.
 bytes, half-closes, reads the echo to its end and checks it byte for byte.
 
 ``udp``: sends the hex datagrams given as a JSON list on stdin to HOST PORT.
+
+``bench`` (root, outside any namespace): the cost of the filter, measured as
+packets per second through echo transfers with the filter in native mode,
+in generic mode and without it, interleaved in one run on one NetnsPair::
+
+    PYTHONPATH=src python tests/xdp_netns_peer.py bench --bytes 33554432 --repeat 3
 """
 
 from __future__ import annotations
@@ -166,6 +172,84 @@ def send_udp(args: argparse.Namespace) -> dict[str, Any]:
     return {"sent": len(datagrams)}
 
 
+def frame(payload: bytes, dport: int, *, proto: int = 17) -> bytes:
+    """An Ethernet + IPv4 + UDP frame around ``payload`` (checksums left 0)."""
+    import struct
+
+    udp = struct.pack("!HHHH", 40000, dport, 8 + len(payload), 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, proto, 0,
+                     bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))  # fmt: skip
+    return b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip + udp
+
+
+def cost(args: argparse.Namespace) -> dict[str, Any]:
+    """Nanoseconds per run of the program (BPF_PROG_TEST_RUN) on typical frames."""
+    from vtl.core import wire
+    from vtl.core.wire import PacketType
+    from vtl.hooker.xdp import XdpFilter
+
+    with XdpFilter(args.ifname) as xdp:
+        xdp.add_port(4433)
+        for cid in range(1, 1001):
+            xdp.add_conn(cid << 8)
+        data = wire.encode(PacketType.DATA, 500 << 8, 7, 1, b"\0" * 8 + b"x" * 1400)
+        cases = {
+            "valid DATA (1452 B), known connection": frame(data, 4433),
+            "DATA for an unknown connection": frame(
+                wire.encode(PacketType.DATA, 12345, 7, 1, b"\0" * 8 + b"x" * 1400), 4433
+            ),
+            "malformed (bad version)": frame(b"\x02" + data[1:], 4433),
+            "UDP to another port": frame(data, 53),
+            "TCP": frame(b"\0" * 20, 80, proto=6),
+        }
+        return {
+            name: dict(zip(("verdict", "ns"), xdp.test_run(f, args.repeat), strict=True))
+            for name, f in cases.items()
+        }
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    import statistics
+    import subprocess
+
+    from vtl.testbed import NetnsPair
+
+    rates: dict[str, list[float]] = {"none": [], "native": [], "generic": []}
+    with NetnsPair(disable_offloads=args.disable_offloads) as pair:
+        for _ in range(args.repeat):
+            for variant in rates:
+                extra = ["--no-xdp"] if variant == "none" else ["--mode", variant]
+                srv = pair.b.popen(
+                    [sys.executable, __file__, "serve", "--ifname", str(pair.b.ifname),
+                     "--bind", str(pair.b.ip4), *extra],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                )  # fmt: skip
+                assert srv.stdout is not None and srv.stdin is not None
+                ready = json.loads(srv.stdout.readline().split(" ", 1)[1])
+                cp = pair.a.run(
+                    [sys.executable, __file__, "client", "--to", str(pair.b.ip4),
+                     str(ready["vtl_port"]), "--bytes", str(args.bytes)],
+                    timeout=600,
+                )  # fmt: skip
+                got = json.loads(cp.stdout.strip().splitlines()[-1])
+                assert got["exact"], got
+                srv.stdin.write("quit\n")
+                srv.stdin.flush()
+                srv.communicate(timeout=30)
+                pps = (got["datagrams_in"] + got["datagrams_out"]) / got["seconds"]
+                rates[variant].append(pps)
+                print(f"{variant:8s} {got['seconds']:7.3f} s {pps:10.0f} pkt/s", file=sys.stderr)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {
+        "bytes_each_way": args.bytes,
+        "offloads": not args.disable_offloads,
+        "pps_median": {k: round(v) for k, v in med.items()},
+        "ratio_native": round(med["native"] / med["none"], 3),
+        "ratio_generic": round(med["generic"] / med["none"], 3),
+        "runs": {k: [round(x) for x in v] for k, v in rates.items()},
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -184,8 +268,19 @@ def main() -> int:
     u = sub.add_parser("udp")
     u.add_argument("--to", required=True)
     u.add_argument("port", type=int)
+    b = sub.add_parser("bench")
+    b.add_argument("--bytes", type=int, default=32 << 20)
+    b.add_argument("--repeat", type=int, default=3)
+    b.add_argument("--disable-offloads", action="store_true", help="GSO/GRO off on the veths")
+    k = sub.add_parser("cost")
+    k.add_argument("--ifname", required=True)
+    k.add_argument("--repeat", type=int, default=1_000_000)
     args = p.parse_args()
-    if args.cmd == "serve":
+    if args.cmd == "cost":
+        print(json.dumps(cost(args)), flush=True)
+    elif args.cmd == "bench":
+        print(json.dumps(bench(args)), flush=True)
+    elif args.cmd == "serve":
         asyncio.run(serve(args))
     elif args.cmd == "client":
         print(json.dumps(asyncio.run(client(args))), flush=True)
