@@ -158,9 +158,11 @@ def _crafted() -> list[tuple[str, bytes]]:
 
 
 @pytest.mark.netns
-@pytest.mark.parametrize("mode", ["native", "generic"])
-def test_malformed_and_unknown_dropped_in_xdp(pair: NetnsPair, mode: str) -> None:
-    srv = Server(pair, "--mode", mode)
+@pytest.mark.parametrize(
+    ("mode", "family"), [("native", "ip4"), ("generic", "ip4"), ("native", "ip6")]
+)
+def test_malformed_and_unknown_dropped_in_xdp(pair: NetnsPair, mode: str, family: str) -> None:
+    srv = Server(pair, "--mode", mode, family=family)
     assert srv.ready["mode"] == mode
     crafted = _crafted()
     if mode == "generic":
@@ -318,6 +320,24 @@ def test_no_program_left_after_close_or_sigkill(pair: NetnsPair) -> None:
     assert srv.ready["prog_id"] != prog
     srv.quit()
     _wait_gone(pair, srv.ready["prog_id"])
+
+
+@pytest.mark.netns
+def test_auto_mode_falls_back_to_generic(requires_root_netns: None) -> None:
+    """veth refuses native XDP when the MTU exceeds a page; auto mode goes generic."""
+    with NetnsPair(mtu=9000) as big:
+        srv = Server(big)
+        assert srv.ready["mode"] == "generic"
+        got = _client(big, srv.addr, srv.ready["vtl_port"], 1 << 20)
+        assert got["exact"]
+        rep = srv.report()
+        assert "MTU" in rep["xdp"]["native_error"]
+        assert rep["xdp"]["counters"]["dropped"] == 0 and rep["xdp"]["counters"]["passed"] > 0
+        srv.quit()
+        code = f"from vtl.hooker.xdp import XdpFilter\nXdpFilter({big.b.ifname!r}, mode='native')"
+        cp = big.b.run([sys.executable, "-c", code], check=False)
+        assert cp.returncode != 0 and "cannot attach XDP" in cp.stderr, cp.stderr[-2000:]
+        assert "vtl_" not in _xdp_state(big)
 
 
 # ----------------------------------------------------------- coexistence

@@ -222,9 +222,12 @@ class XdpFilter:
             if err in (errno.EBUSY, errno.EEXIST):
                 owner = attached_program(self.ifindex)
                 raise self._busy(owner or (0, "unknown")) from None
-            errors.append(f"{name}: {os.strerror(err)}")
+            why = os.strerror(err)
+            if err == errno.ERANGE:  # veth: no native XDP above about a page
+                why += " (the MTU is too large for native XDP here)"
+            errors.append(f"{name}: {why}")
             if name == "native":
-                self.native_error = os.strerror(err)
+                self.native_error = why
         raise BpfError(
             errno.EOPNOTSUPP, f"cannot attach XDP to {self.ifname} ({'; '.join(errors)})"
         )
