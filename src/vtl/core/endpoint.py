@@ -46,6 +46,11 @@ class EndpointCore:
         self.received = 0
         #: connections failed because a TF raised (see core/isolation.py)
         self.tf_failures = 0
+        #: told when a local connection ID starts (``added(cid)``, before any
+        #: datagram of it is sent) or stops (``removed(cid)``) being served,
+        #: e.g. by the Hooker's XDP filter; its exceptions are counted, not raised
+        self.cid_observer: Any = None
+        self.cid_observer_errors = 0
 
     # ----------------------------------------------------------- app side
 
@@ -62,6 +67,7 @@ class EndpointCore:
             conn = Connection(is_client=True, config=config or self.config, offers=offers)
         self.connections[conn.local_cid] = conn
         self.addresses[conn.local_cid] = addr
+        self._observe(True, conn.local_cid)
         conn.connect(now)
         return conn
 
@@ -143,6 +149,7 @@ class EndpointCore:
         self.connections[conn.local_cid] = conn
         self.addresses[conn.local_cid] = addr
         self._handshakes[key] = conn
+        self._observe(True, conn.local_cid)
 
     def pending_handshakes(self) -> int:
         """Responder connections not yet taken by the application: half-open
@@ -206,6 +213,15 @@ class EndpointCore:
             if c is conn:
                 del self._handshakes[key]
         self._announced.discard(cid)
+        self._observe(False, cid)
+
+    def _observe(self, added: bool, cid: int) -> None:
+        if self.cid_observer is None:
+            return
+        try:
+            (self.cid_observer.added if added else self.cid_observer.removed)(cid)
+        except Exception:  # an observer must never break the endpoint
+            self.cid_observer_errors += 1
 
     def next_timer(self) -> float | None:
         times = [t for c in self.connections.values() if (t := c.next_timer()) is not None]
