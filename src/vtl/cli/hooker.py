@@ -150,8 +150,12 @@ def _fmt_status(st: dict[str, Any]) -> str:
     lines.append(
         "kernel counters: " + " ".join(f"{k}={v}" for k, v in st.get("kernel", {}).items())
     )
-    for ifname, c in st.get("xdp", {}).items():
-        lines.append(f"xdp {ifname}: " + " ".join(f"{k}={v}" for k, v in c.items()))
+    for ifname, x in st.get("xdp", {}).items():
+        c = {k: v for k, v in x.get("counters", {}).items() if not k.endswith("_bytes")}
+        lines.append(
+            f"xdp {ifname} ({x.get('mode')}, {x.get('connections')} connections): "
+            + " ".join(f"{k}={v}" for k, v in c.items())
+        )
     eng = {k: v for k, v in st.get("engine", {}).items() if k != "peers"}
     lines.append("flows: " + " ".join(f"{k}={v}" for k, v in sorted(eng.items())))
     for f in st.get("flows", []):

@@ -134,6 +134,21 @@ class _KernelEngine(FlowEngine):
         return None
 
 
+class _ObserverFanOut:
+    """One endpoint, several XDP filters: tell each about connection IDs."""
+
+    def __init__(self, observers: list[Any]):
+        self.observers = observers
+
+    def added(self, cid: int) -> None:
+        for o in self.observers:
+            o.added(cid)
+
+    def removed(self, cid: int) -> None:
+        for o in self.observers:
+            o.removed(cid)
+
+
 class Hooker:
     """The daemon (asyncio).  ``await start()``, then ``await serve()``."""
 
@@ -153,6 +168,7 @@ class Hooker:
         self._stopping = False
         self._rules: dict[int, Rule] = {}
         self._started = 0.0
+        self._xdp_observers: list[Any] = []
 
     # ------------------------------------------------------------ start
 
@@ -199,18 +215,23 @@ class Hooker:
         return s
 
     def _start_xdp(self, interfaces: list[str]) -> None:
+        """Filter VTL datagrams on these interfaces, with the carrier's
+        connection IDs kept in the filters' maps (VTL carrier only)."""
         from vtl.hooker.xdp import ConnectionIdObserver, XdpFilter
 
-        filters = []
-        for ifname in interfaces:
-            f = XdpFilter(ifname)
-            f.add_port(self.config.carrier_port)
-            filters.append(f)
         endpoint = getattr(self.carrier, "endpoint", None)
-        if endpoint is not None:
-            observer = ConnectionIdObserver(filters)
-            observer.attach(endpoint.core)
-        self.xdp = filters
+        if endpoint is None:
+            raise RuntimeError("--xdp needs the vtl carrier (it checks VTL connection IDs)")
+        self.xdp = []
+        for ifname in interfaces:
+            self.xdp.append(XdpFilter(ifname))
+        observers = [
+            ConnectionIdObserver(f).attach(endpoint.core, self.config.carrier_port)
+            for f in self.xdp
+        ]
+        if len(observers) > 1:
+            endpoint.core.cid_observer = _ObserverFanOut(observers)
+        self._xdp_observers = observers
 
     def add_rule(self, rule: Rule) -> int:
         """Install a rule in the kernel maps; returns its number."""
@@ -331,8 +352,16 @@ class Hooker:
             out["spliced_sockets"] = self.kernel.spliced_sockets()
         if self.xdp:
             for f in self.xdp:
-                out.setdefault("programs", []).extend(f.programs())
-            out["xdp"] = {f.ifname: f.counters() for f in self.xdp}
+                st = f.status()
+                out.setdefault("programs", []).append(
+                    {
+                        "name": st["program"],
+                        "type": f"xdp ({st['mode']})",
+                        "id": st["program_id"],
+                        "attached_to": st["interface"],
+                    }
+                )
+            out["xdp"] = {f.ifname: f.status() for f in self.xdp}
         if self.engine is not None:
             out["engine"] = self.engine.stats()
             out["flows"] = self.engine.flows()
@@ -431,6 +460,8 @@ class Hooker:
         if self.carrier is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.carrier.close(), 3)
+        for obs in self._xdp_observers:
+            obs.detach()
         if self.xdp:
             for f in self.xdp:
                 f.close()
