@@ -249,6 +249,7 @@ def test_traffic_really_goes_over_vtl(net: dict[str, Any]) -> None:
     # carrier, the server host's Hooker delivered exactly that to the server
     assert delta(sa, sa0, "bytes_to_peer_carrier") == size
     assert delta(sb, sb0, "bytes_to_app_carrier") == size
+
     # VTL's UDP endpoints moved that many bytes plus headers and repairs,
     # and host b's XDP filter passed them
     def ep(st: dict, key: str) -> int:
@@ -468,6 +469,30 @@ def test_fallback_to_plain_tcp_when_peer_has_no_vtl(half_net: dict[str, Any]) ->
     assert r2["reply"]["peer"] == r2["sockname"]
     # one short wait at most (probe timeout 1 s), once per peer
     assert first < 1.0 + 2.0 + second, (first, second)
+
+
+def test_fallback_when_peer_silently_drops_vtl_costs_one_probe_timeout(
+    half_net: dict[str, Any],
+) -> None:
+    """No ICMP answer (a firewall drops VTL): the first connection waits for
+    the 1 s probe once; later ones go straight to plain TCP."""
+    a, b = half_net["a"], half_net["b"]
+    b.run(
+        ["nft", "-f", "-"],
+        input="""
+table inet vtldrop {
+  chain in { type filter hook input priority 0; udp dport 7400 drop; }
+}
+""",
+    )
+    times = []
+    for seed in (1, 2, 3):
+        t0 = time.monotonic()
+        r = run_client(a, b.ip4, str(SINK), "exchange", "--bytes", "20000", "--seed", str(seed))
+        times.append(time.monotonic() - t0)
+        assert r["reply"]["sha"] == r["sha"]
+    assert 0.9 <= times[0] - min(times[1:]) <= 2.5, times
+    assert max(times[1:]) < times[0] - 0.8, times
 
 
 def test_killed_hooker_fails_open_and_resets_hooked_flows() -> None:
