@@ -9,14 +9,26 @@ tests/test_hooker_carriers.py adds the namespaces and the lossy link."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import random
 import socket
 import time
+from typing import Any
 
 import pytest
 
 from hooker_helpers import Rig, payload, recv_all, rst_close, run, tcp_connect, unused_udp_port
-from vtl.hooker import CarrierReset, FlowHeader, get_carrier
+from vtl.hooker import (
+    CarrierReset,
+    FlowHeader,
+    FlowHeaderError,
+    FlowStatus,
+    PeerCache,
+    PeerState,
+    get_carrier,
+)
+from vtl.hooker.flowheader import HEADER_PREFIX_LEN, REPLY_LEN, decode_reply, encode_reply
 
 CARRIERS = ["vtl", "quic"]
 
@@ -385,3 +397,124 @@ def test_many_concurrent_flows_byte_exact(carrier: str, flows: int) -> None:
             assert rig.engine_b.stats()["flows_in"] == flows
 
     run(main(), timeout=90)
+
+
+# ------------------------------------------------------------ flow header
+
+
+@pytest.mark.parametrize(
+    ("client", "server"),
+    [(("10.0.0.1", 40000), ("10.0.0.2", 80)), (("fd00::1", 1), ("fd00::2", 65535))],
+)
+def test_flow_header_round_trip(client: tuple[str, int], server: tuple[str, int]) -> None:
+    wire = FlowHeader(client, server).encode()
+    assert FlowHeader.total_length(wire[:HEADER_PREFIX_LEN]) == len(wire)
+    assert FlowHeader.decode(wire) == FlowHeader(client, server)
+    for status in FlowStatus:
+        assert decode_reply(encode_reply(status)) is status
+
+
+@pytest.mark.parametrize(
+    ("client", "server"),
+    [
+        (("10.0.0.1", 1), ("fd00::2", 80)),  # mixed families
+        (("10.0.0.1", 0), ("10.0.0.2", 80)),  # port 0
+        (("10.0.0.1", 1), ("10.0.0.2", 70000)),
+        (("not-an-ip", 1), ("10.0.0.2", 80)),
+        (("10.0.0.1", 1), ("10.0.0.2", "80")),
+    ],
+)
+def test_flow_header_refuses_bad_addresses(client: Any, server: Any) -> None:
+    with pytest.raises(FlowHeaderError):
+        FlowHeader(client, server).encode()
+
+
+def test_flow_header_decoding_is_strict_and_never_crashes() -> None:
+    good = FlowHeader(("10.0.0.1", 1234), ("10.0.0.2", 80)).encode()
+    bad = [
+        b"",
+        good[:-1],
+        good + b"x",
+        b"XXXX" + good[4:],
+        good[:4] + b"\x02" + good[5:],  # version
+        good[:5] + b"\x05" + good[6:],  # family
+        good[:6] + b"\x00\x01" + good[8:],  # flags
+        good[:8] + b"\x00\x00" + good[10:],  # client port 0
+        good[:-4] + bytes(4),  # server 0.0.0.0
+    ]
+    for data in bad:
+        with pytest.raises(FlowHeaderError):
+            FlowHeader.decode(data)
+    rng = random.Random(9)
+    for _ in range(3000):  # random input: FlowHeaderError or a valid header, nothing else
+        data = rng.randbytes(rng.randrange(0, 50))
+        if rng.random() < 0.5:
+            data = good[: rng.randrange(len(good))] + data
+        with contextlib.suppress(FlowHeaderError):
+            FlowHeader.decode(data)
+        with contextlib.suppress(FlowHeaderError):
+            decode_reply(data[:REPLY_LEN])
+    for data in (b"VTLR\x01\x09", b"VTLR\x02\x00", b"VTLX\x01\x00", b"VTLR\x01"):
+        with pytest.raises(FlowHeaderError):
+            decode_reply(data)
+
+
+# -------------------------------------------------------------- peer cache
+
+
+def test_peer_cache_ttl_and_callbacks() -> None:
+    now = [100.0]
+    cache = PeerCache(incapable_ttl=60.0, clock=lambda: now[0])
+    changes: list[tuple[Any, str, str]] = []
+    cache.on_change(lambda p, old, new: changes.append((p, old.value, new.value)))
+
+    async def main() -> None:
+        assert await cache.classify("10.0.0.2") is PeerState.UNKNOWN  # we probe
+        cache.record("10.0.0.2", False, "icmp")
+        assert await cache.classify("10.0.0.2") is PeerState.INCAPABLE
+        now[0] += 59
+        assert cache.state("10.0.0.2") is PeerState.INCAPABLE
+        now[0] += 2  # the TTL is over: probe again
+        assert await cache.classify("10.0.0.2") is PeerState.UNKNOWN
+        cache.record("10.0.0.2", True)
+        now[0] += 1e6
+        assert cache.state("10.0.0.2") is PeerState.CAPABLE  # no TTL by default
+
+    run(main())
+    assert changes == [
+        ("10.0.0.2", "unknown", "incapable"),
+        ("10.0.0.2", "incapable", "unknown"),
+        ("10.0.0.2", "unknown", "capable"),
+    ]
+
+
+def test_peer_cache_runs_one_probe_per_peer() -> None:
+    cache = PeerCache()
+
+    async def main() -> None:
+        assert await cache.classify("p") is PeerState.UNKNOWN
+        waiters = [asyncio.ensure_future(cache.classify("p")) for _ in range(5)]
+        other = await cache.classify("q")  # another peer is not held up
+        assert other is PeerState.UNKNOWN
+        await asyncio.sleep(0.01)
+        assert not any(w.done() for w in waiters)
+        cache.record("p", False)
+        assert await asyncio.gather(*waiters) == [PeerState.INCAPABLE] * 5
+        # an abandoned probe hands the job to exactly one waiter
+        first = asyncio.ensure_future(cache.classify("q"))
+        second = asyncio.ensure_future(cache.classify("q"))
+        await asyncio.sleep(0.01)
+        cache.abandon("q")
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        assert results.count(PeerState.UNKNOWN) == 1
+        assert cache.counters["probes"] == 3
+
+    async def bounded() -> None:
+        async with asyncio.timeout(1):
+            pending = asyncio.ensure_future(main())
+            await asyncio.sleep(0.05)
+            if not pending.done():  # the second "q" waiter now owns the probe
+                cache.record("q", True)
+            await pending
+
+    run(bounded())
