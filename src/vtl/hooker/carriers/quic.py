@@ -178,6 +178,8 @@ class _Protocol(QuicConnectionProtocol):
                 )
             if self.stream is not None:
                 self.stream._on_terminated(event)
+            else:  # a connection that never carried a flow: nothing will release it
+                self.carrier._release(self)
 
     def _arm_keepalive(self) -> None:
         interval = self.carrier.idle_timeout / 3
