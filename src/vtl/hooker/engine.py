@@ -112,7 +112,7 @@ class _Prefixed(CarrierStream):
     def abort(self, reason: str = "aborted") -> None:
         self.inner.abort(reason)
 
-    async def aclose(self, timeout: float = 5.0) -> None:
+    async def aclose(self, timeout: float | None = None) -> None:
         await self.inner.aclose(timeout)
 
     def stats(self) -> dict[str, Any]:
@@ -242,7 +242,9 @@ class FlowEngine:
             self._abort(flow, sock)
             raise
         except Exception as exc:
-            if not isinstance(exc, (CarrierError, FlowHeaderError, OSError, TimeoutError)):
+            if isinstance(exc, (CarrierError, FlowHeaderError, OSError, TimeoutError)):
+                log.info("outbound flow %s failed: %r", flow.id, exc)
+            else:
                 log.exception("outbound flow %s failed", flow.id)
             self.counters["flow_errors"] += 1
             self._abort(flow, sock)
@@ -345,7 +347,9 @@ class FlowEngine:
             stream.abort("flow cancelled")
             raise
         except Exception as exc:
-            if not isinstance(exc, (CarrierError, OSError, TimeoutError)):
+            if isinstance(exc, (CarrierError, OSError, TimeoutError)):
+                log.info("inbound flow %s failed: %r", flow.id, exc)
+            else:
                 log.exception("inbound flow %s failed", flow.id)
             self.counters["flow_errors"] += 1
             if sock is not None:

@@ -125,13 +125,16 @@ async def splice(
     *,
     chunk: int = DEFAULT_CHUNK,
     result: SpliceResult | None = None,
-    close_stream_timeout: float = 5.0,
+    close_stream_timeout: float | None = None,
 ) -> SpliceResult:
     """Pump ``sock`` (connected, non-blocking TCP) <-> ``stream`` both ways
     until both ended or one side reset.  Always closes ``sock`` (orderly only
     after a clean finish) and leaves ``stream`` closed or aborted.
 
-    ``result`` may be passed in to watch the byte counters while it runs."""
+    ``result`` may be passed in to watch the byte counters while it runs.
+    After a clean finish it waits until the carrier delivered everything
+    (``close_stream_timeout``: at most that long), so the flow is listed
+    until its last byte was acknowledged."""
     loop = asyncio.get_running_loop()
     res = result if result is not None else SpliceResult()
     chunk = max(1, min(chunk, MAX_CHUNK))
@@ -222,7 +225,7 @@ async def splice(
 
 
 async def _finish(
-    sock: socket.socket, stream: CarrierStream, res: SpliceResult, timeout: float
+    sock: socket.socket, stream: CarrierStream, res: SpliceResult, timeout: float | None
 ) -> None:
     if res.outcome == EOF_BOTH:
         with contextlib.suppress(OSError):
@@ -279,7 +282,7 @@ class SocketStream(CarrierStream):
     def abort(self, reason: str = "aborted") -> None:
         reset_socket(self.sock)
 
-    async def aclose(self, timeout: float = 5.0) -> None:
+    async def aclose(self, timeout: float | None = None) -> None:
         if self.sock.fileno() >= 0:
             with contextlib.suppress(OSError):
                 disarm_abortive_close(self.sock)

@@ -70,9 +70,11 @@ class CarrierStream(ABC):
         """Abortive close: the peer's read raises :class:`CarrierReset`."""
 
     @abstractmethod
-    async def aclose(self, timeout: float = 5.0) -> None:
+    async def aclose(self, timeout: float | None = None) -> None:
         """Release the stream after both directions ended cleanly, letting what
-        is still unacknowledged arrive first (aborts after ``timeout``)."""
+        is still unacknowledged arrive first.  Waits as long as the carrier
+        still makes progress (its own idle timeout ends a dead peer), or at
+        most ``timeout`` seconds, then aborts."""
 
     @property
     def buffered_bytes(self) -> int:

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_COMPOSITION = "reliability=selective-repeat congestion=bbr"
 DEFAULT_HIGH_WATER = 2 << 20  # unacknowledged bytes per flow before write() waits
+#: an idle TCP connection must not die of VTL's idle timeout: keepalives, like TCP
+DEFAULT_KEEPALIVE = 10.0
 
 
 def as_composition(value: Composition | dict | str | None) -> Composition:
@@ -125,7 +127,7 @@ class VtlStream(CarrierStream):
         if not self.conn.is_closed:
             self.conn.abort(reason)
 
-    async def aclose(self, timeout: float = 5.0) -> None:
+    async def aclose(self, timeout: float | None = None) -> None:
         self.write_eof()
         try:
             async with asyncio.timeout(timeout):
@@ -157,7 +159,9 @@ class VtlCarrier(Carrier):
     ) -> None:
         self.composition = as_composition(composition)
         self.high_water = high_water
-        self.config = config
+        self.config = (
+            config if config is not None else ConnectionConfig(keepalive_interval=DEFAULT_KEEPALIVE)
+        )
         self.icmp_probe = icmp_probe
         self.endpoint: UdpEndpoint | None = None
         self._handler: StreamHandler | None = None
