@@ -56,7 +56,9 @@ async def hooker(args: argparse.Namespace) -> None:
     async def accept() -> None:
         while True:
             conn, peer = await loop.sock_accept(lst)
-            task = loop.create_task(engine.handle_outbound(conn, peer, dst))
+            task = loop.create_task(
+                engine.handle_outbound(conn, peer, dst, composition=args.composition)
+            )
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
@@ -106,11 +108,13 @@ async def client(args: argparse.Namespace) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     host, port = args.to.rsplit(":", 1)
 
+    requests = [REQ.pack(args.down, 1000 + i) + blob(args.up, i) for i in range(args.flows)]
+
     async def flow(i: int) -> str:
         sock = socket.socket()
         sock.setblocking(False)
         await loop.sock_connect(sock, (host, int(port)))
-        request = REQ.pack(args.down, 1000 + i) + blob(args.up, i)
+        request = requests[i]
         reader = loop.create_task(_read_all(loop, sock))
         await loop.sock_sendall(sock, request)
         sock.shutdown(socket.SHUT_WR)
@@ -122,7 +126,7 @@ async def client(args: argparse.Namespace) -> dict[str, Any]:
             return f"reply corrupted ({len(reply) - 32} of {args.down} bytes)"
         return "ok"
 
-    t0 = time.monotonic()
+    t0 = time.monotonic()  # the payloads are ready: time the transfer only
     async with asyncio.timeout(args.timeout):
         results = await asyncio.gather(*[flow(i) for i in range(args.flows)])
     return {"results": results, "seconds": round(time.monotonic() - t0, 3)}
@@ -144,6 +148,7 @@ def main() -> int:
     h.add_argument("--port", type=int, required=True)
     h.add_argument("--forward-to", required=True)
     h.add_argument("--probe-timeout", type=float, default=1.0)
+    h.add_argument("--composition", default=None, help="VTL composition of outbound flows")
     s = sub.add_parser("server")
     s.add_argument("--bind", required=True)
     c = sub.add_parser("client")

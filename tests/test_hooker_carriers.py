@@ -230,3 +230,56 @@ def test_peer_host_without_hooker_falls_back_to_tcp(requires_root_netns: None) -
     assert sa["carrier"]["connects"] == 1
     assert sa["carrier"]["icmp_refused"] == 1
     assert ea["bytes_to_peer_fallback"] == 6 * (16 + 100_000)
+
+
+_KILL_CLIENT = """
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"no end of request yet")
+print("SENT", flush=True)
+sys.stdin.readline()
+try:
+    data = s.recv(100)
+    print("EOF" if not data else "DATA", flush=True)
+except ConnectionResetError:
+    print("RESET", flush=True)
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_killed_hooker_resets_its_applications(requires_root_netns: None, carrier: str) -> None:
+    """A Hooker process that dies must not look like a clean end of stream:
+    its sockets are armed with SO_LINGER {1, 0}, so the kernel resets them."""
+    with Topology.pair().up() as net:
+        a, b = net.hosts["a"], net.hosts["b"]
+        procs = []
+        try:
+            srv = _spawn(b, "server", "--bind", b.ip4)
+            procs.append(srv)
+            sport = _line(srv, "PORT")
+            hb = _spawn(b, "hooker", "--carrier", carrier, "--bind", b.ip4,
+                        "--port", str(CARRIER_PORT), "--forward-to", f"{a.ip4}:9")  # fmt: skip
+            procs.append(hb)
+            _line(hb, "READY")
+            fwd = f"{b.ip4}:{sport}"
+            ha = _spawn(a, "hooker", "--carrier", carrier, "--bind", a.ip4,
+                        "--port", str(CARRIER_PORT), "--forward-to", fwd)  # fmt: skip
+            procs.append(ha)
+            hook_port = _line(ha, "READY")
+            cl = a.popen([sys.executable, "-c", _KILL_CLIENT, hook_port], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)  # fmt: skip
+            procs.append(cl)
+            assert cl.stdout is not None and cl.stdin is not None
+            assert cl.stdout.readline().strip() == "SENT"
+            time.sleep(0.5)  # the flow is spliced and waiting for the client's EOF
+            ha.kill()
+            ha.wait()
+            cl.stdin.write("\n")
+            cl.stdin.flush()
+            assert cl.stdout.readline().strip() == "RESET"
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()

@@ -260,8 +260,9 @@ def test_slow_reader_slows_the_sender_and_memory_stays_bounded(carrier: str) -> 
             assert got and got[0] == data
             # every byte sent during the stall sits in socket buffers or carriers
             assert stalled_at < 24 << 20
-            # per Hooker: send buffer (high water) + receive window + a chunk in flight
-            bound = 2 * ((1 << 20) + (4 << 20) + (256 << 10))
+            # per Hooker: send buffer (high water) + receive window (VTL: 2048
+            # segments of at most 1452 bytes; QUIC: 1 MiB) + a chunk in flight
+            bound = 2 * ((1 << 20) + 2048 * 1452 + (256 << 10))
             assert peak < bound
 
     run(main(), timeout=150)
