@@ -42,6 +42,7 @@ from vtl.bench.network import Cell, ProfileInfo, open_cell, profile_info
 from vtl.bench.transports import (
     DEFAULT_TRANSPORTS,
     QUICK_TRANSPORTS,
+    SessionError,
     Transport,
     Workload,
     parse_transport,
@@ -363,7 +364,15 @@ def run_one(net: Any, cfg: BenchConfig, run: PlannedRun, info: ProfileInfo) -> d
     a, b = net.hosts["a"], net.hosts["b"]
     _link_call(net, "reset_stats")
     started = time.monotonic()
-    with t.session(net):
+    with contextlib.ExitStack() as stack:
+        try:  # the transport's helpers, e.g. the Hooker daemons
+            session = stack.enter_context(t.session(net))
+        except SessionError as exc:
+            rec["errors"].append(f"transport session: {exc}")
+            rec["wall_s"] = round(time.monotonic() - started, 3)
+            rec["goodput_mbps"] = 0.0 if run.kind == "bulk" else None
+            rec["fraction_of_limit"] = 0.0 if run.kind == "bulk" and limit else None
+            return rec
         server = _Endpoint(b, t.server_argv(w))
         client: _Endpoint | None = None
         timed_out = False
@@ -400,6 +409,7 @@ def run_one(net: Any, cfg: BenchConfig, run: PlannedRun, info: ProfileInfo) -> d
         prog = server.last_progress if run.kind == "bulk" else None
         rec["bytes_at_timeout"] = prog["bytes"] if prog else None
         rec["errors"].insert(0, f"timed out after {run.timeout:g} s")
+    t.finish_record(rec, session)
     if rec["status"] != "ok":
         rec["goodput_mbps"] = 0.0 if run.kind == "bulk" else None
         rec["fraction_of_limit"] = 0.0 if run.kind == "bulk" and limit else None
