@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vtl.bench.transports import SessionError
@@ -133,6 +134,17 @@ class HookerProcess:
         tail = " | ".join(list(self.output)[-3:])
         return f"Hooker in {self.host.name} exited with {self.proc.returncode}: {tail}"
 
+    def cpu_s(self) -> float | None:
+        """User + system CPU seconds the daemon has used so far (its
+        protocol work: the bench endpoints' own CPU does not include it)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 3)
+
     def kill(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
@@ -151,6 +163,7 @@ class HookerSession:
     server: HookerProcess  # host b: delivers to the bench server
     started_s: float = 0.0
     statuses: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    cpu: dict[str, float | None] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
     def settle_and_read(self, timeout: float = SETTLE_TIMEOUT) -> None:
@@ -159,6 +172,7 @@ class HookerSession:
         deadline = time.monotonic() + timeout
         while True:
             self.statuses = {"a": self.client.status(), "b": self.server.status()}
+            self.cpu = {"a": self.client.cpu_s(), "b": self.server.cpu_s()}
             active = [
                 (st or {}).get("engine", {}).get("flows_active", 0) for st in self.statuses.values()
             ]
@@ -169,7 +183,11 @@ class HookerSession:
     def proof(self, payload: int | None, reverse: int = 0) -> dict[str, Any]:
         """The evidence that ``payload`` bytes went from a to b (and ``reverse``
         bytes from b to a) over VTL, from the counters read before stopping."""
-        out: dict[str, Any] = {"composition": self.composition, "start_s": self.started_s}
+        out: dict[str, Any] = {
+            "composition": self.composition,
+            "start_s": self.started_s,
+            "cpu_s": dict(self.cpu),  # of each daemon, start-up (BPF loading) included
+        }
         carried = True
         for side, st in self.statuses.items():
             if st is None:
