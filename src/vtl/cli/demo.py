@@ -32,6 +32,7 @@ from vtl.cli.common import emit, fail
 
 DEFAULT_COMPOSITION = "reliability=selective-repeat congestion=bbr"
 HTTP_PORT = 8000
+LINK = "a-b"  # the link of Topology.pair
 CURL_FORMAT = "%{http_code} %{size_download} %{time_connect} %{time_total}\n"
 
 
@@ -91,13 +92,16 @@ def run(args: argparse.Namespace) -> int:
                 out = Path(tmp) / "got.bin"
                 if not args.no_tcp:
                     for cc in ("cubic", "bbr"):
-                        _set_cc(b, cc)  # the server sends the file
+                        _route_cc(a, b, cc)  # http.server is the sender: b's route counts
+                        net.reset_stats(LINK)
                         rec = _fetch(a, url, out, size, digest)
                         rec.update(transport=f"tcp-{cc}", path=f"plain TCP ({cc})")
+                        rec["link"] = _link(net)
                         results.append(rec)
                         _report(args, rec)
-                    _set_cc(b, "cubic")
-                results.append(_hooked_fetch(args, a, b, url, out, size, digest))
+                    _route_cc(a, b, None)
+                net.reset_stats(LINK)
+                results.append(_hooked_fetch(args, net, url, out, size, digest))
             finally:
                 server.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -134,8 +138,18 @@ def _start_http_server(host: Any, root: Path) -> subprocess.Popen[str]:
     raise SystemExit(fail(f"python3 -m http.server did not start in {host.name}", 1))
 
 
-def _set_cc(host: Any, cc: str) -> None:
-    host.run(["sysctl", "-qw", f"net.ipv4.tcp_congestion_control={cc}"], check=False)
+def _route_cc(a: Any, b: Any, cc: str | None) -> None:
+    """Kernel TCP congestion control between a and b, set on the host routes
+    (``ip route ... congctl``): the programs stay unmodified, and in a network
+    namespace the default (``net.ipv4.tcp_congestion_control``) can only be
+    set to the algorithms the host allows, often just reno and the host's
+    default.  ``None`` removes the routes."""
+    for host, peer in ((a, b), (b, a)):
+        if cc is None:
+            host.run(["ip", "route", "del", f"{peer.ip4}/32"], check=False)
+        else:
+            route = [f"{peer.ip4}/32", "dev", host.ifname, "congctl", cc]
+            host.run(["ip", "route", "replace", *route])
 
 
 def _fetch(a: Any, url: str, out: Path, size: int, digest: str) -> dict[str, Any]:
@@ -165,16 +179,31 @@ def _fetch(a: Any, url: str, out: Path, size: int, digest: str) -> dict[str, Any
     return rec
 
 
+def _link(net: Any) -> dict[str, Any] | None:
+    """The emulator's packets and random-loss drops per direction since the
+    last reset: the loss really hit the transfer."""
+    try:
+        st = net.link_stats(LINK)
+    except Exception:  # noqa: BLE001 -- a diagnostic
+        return None
+    if not st.get("emulated"):
+        return None
+    return {d: {k: st[d].get(k) for k in ("tx_packets", "drop_loss")} for d in ("a->b", "b->a")}
+
+
 def _hooked_fetch(
-    args: argparse.Namespace, a: Any, b: Any, url: str, out: Path, size: int, digest: str
+    args: argparse.Namespace, net: Any, url: str, out: Path, size: int, digest: str
 ) -> dict[str, Any]:
     from vtl.bench.hooker_session import HookerStartError, hooker_daemons
 
+    a, b = net.hosts["a"], net.hosts["b"]
     rec: dict[str, Any]
     try:
         with hooker_daemons(a, b, args.composition) as session:
             _say(args, f"Hookers started in a and b ({session.started_s:.1f} s)")
+            net.reset_stats(LINK)
             rec = _fetch(a, url, out, size, digest)
+            rec["link"] = _link(net)
     except HookerStartError as exc:
         rec = {"verified": False, "error": str(exc)}
         session = None
@@ -218,6 +247,10 @@ def _report(args: argparse.Namespace, r: dict[str, Any]) -> None:
         )
     else:
         human = f"{name:<34} FAILED"
+    link = r.get("link")
+    if link:
+        ba = link["b->a"]
+        human += f"  (link b->a: {ba['tx_packets']} packets, {ba['drop_loss']} lost)"
     if r.get("error"):
         human += f"\n    error: {r['error']}"
     p = r.get("proof")
