@@ -41,6 +41,14 @@ def test_hooker_transport_name_and_seam():
         parse_transport("hooker:reliability=nonsense")
 
 
+def test_the_estimate_counts_the_hookers_start_and_stop():
+    cfg = runner.BenchConfig(size=1 << 20)
+    info, cell = ProfileInfo("net3", 10.0, 20.0), Cell("net3", 0.0)
+    tcp = runner.run_estimate(cfg, info, cell, parse_transport("tcp-cubic"), "bulk")
+    hooked = runner.run_estimate(cfg, info, cell, parse_transport("hooker"), "bulk")
+    assert hooked - tcp > 3.0
+
+
 def _session(a: dict[str, Any], b: dict[str, Any]) -> HookerSession:
     s = HookerSession("c", client=None, server=None)  # type: ignore[arg-type]
     s.statuses = {

@@ -138,13 +138,14 @@ def run_timeout(cfg: BenchConfig, info: ProfileInfo, cell: Cell, t: Transport, k
 def run_estimate(cfg: BenchConfig, info: ProfileInfo, cell: Cell, t: Transport, kind: str) -> float:
     """A rough guess of a run's duration: bulk at 70 % of the limit without loss
     and 30 % with loss; request/response at 1.3 RTT per round trip."""
+    overhead = RUN_OVERHEAD_S + t.session_overhead_s
     if kind == "bulk":
         limit = _limit(info, cell, t)
         if limit is None:
-            return RUN_OVERHEAD_S + cfg.size * 8 / (NO_RATE_MBPS * 1e6)
+            return overhead + cfg.size * 8 / (NO_RATE_MBPS * 1e6)
         share = 0.7 if cell.loss == 0 else 0.3
-        return RUN_OVERHEAD_S + cfg.size * 8 / (limit * share * 1e6)
-    return RUN_OVERHEAD_S + cfg.rr_count * ((info.rtt_ms or 0.5) * 1.3 + 1.0) / 1e3
+        return overhead + cfg.size * 8 / (limit * share * 1e6)
+    return overhead + cfg.rr_count * ((info.rtt_ms or 0.5) * 1.3 + 1.0) / 1e3
 
 
 def plan(cfg: BenchConfig) -> list[PlannedRun]:
@@ -177,7 +178,8 @@ def estimate_seconds(runs: list[PlannedRun]) -> tuple[float, float]:
     """(expected, worst case if every run times out) wall-clock seconds."""
     cells = len({r.cell for r in runs})
     expected = sum(r.estimate for r in runs) + cells * CELL_OVERHEAD_S
-    worst = sum(r.timeout + RUN_OVERHEAD_S for r in runs) + cells * CELL_OVERHEAD_S
+    worst = sum(r.timeout + RUN_OVERHEAD_S + r.transport.session_overhead_s for r in runs)
+    worst += cells * CELL_OVERHEAD_S
     return expected, worst
 
 

@@ -117,6 +117,8 @@ class Transport(ABC):
     default_arg: ClassVar[str | None] = None
     #: separator put between prefix and argument in the canonical name
     separator: ClassVar[str] = "-"
+    #: seconds :meth:`session` adds to a run (for the time estimate)
+    session_overhead_s: ClassVar[float] = 0.0
 
     def __init__(self, arg: str | None = None) -> None:
         self.arg = arg if arg else self.default_arg
@@ -336,6 +338,7 @@ class HookerTransport(TcpTransport):
     prefix = "hooker"
     default_arg = DEFAULT_HOOKER
     separator = ":"
+    session_overhead_s = 4.0  # start two daemons, read their status, stop them
 
     def check(self) -> None:
         VtlTransport(self.arg).check()
