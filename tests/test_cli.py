@@ -166,9 +166,14 @@ def test_send_recv_ipv6(netns_pair, tmp_path):
 @pytest.mark.netns
 @pytest.mark.slow
 def test_demo_runs_and_verifies(requires_root_netns):
-    cp = vtl("demo", "--size-mib", "1", "--loss", "2", "--rate", "50", "--json", timeout=300)
+    """The Hooker demo: curl + http.server, plain TCP next to the Hooker."""
+    cp = vtl("demo", "--size-mib", "1", "--loss", "2", "--json", timeout=300)
     assert cp.returncode == 0, cp.stdout + cp.stderr
     records = [json.loads(line) for line in cp.stdout.splitlines() if line.startswith("{")]
-    assert len(records) == 4  # two VTL compositions, TCP cubic and bbr
-    assert all(r["verified"] for r in records)
-    assert {r["transport"] for r in records} >= {"vtl", "tcp-cubic", "tcp-bbr"}
+    assert [r["transport"] for r in records] == ["tcp-cubic", "tcp-bbr", "hooker"]
+    assert all(r["verified"] and r["goodput_mbps"] > 0 for r in records), records
+    hooked = records[-1]
+    assert hooked["carried_over_vtl"], hooked
+    proof = hooked["proof"]
+    assert proof["connects_redirected"] == 1 and proof["bytes_fallback"] == 0
+    assert proof["bytes_vtl_to_a"] >= 1 << 20 and proof["udp_bytes_b_out"] > 1 << 20

@@ -42,6 +42,7 @@ from vtl.bench.network import Cell, ProfileInfo, open_cell, profile_info
 from vtl.bench.transports import (
     DEFAULT_TRANSPORTS,
     QUICK_TRANSPORTS,
+    SessionError,
     Transport,
     Workload,
     parse_transport,
@@ -137,13 +138,14 @@ def run_timeout(cfg: BenchConfig, info: ProfileInfo, cell: Cell, t: Transport, k
 def run_estimate(cfg: BenchConfig, info: ProfileInfo, cell: Cell, t: Transport, kind: str) -> float:
     """A rough guess of a run's duration: bulk at 70 % of the limit without loss
     and 30 % with loss; request/response at 1.3 RTT per round trip."""
+    overhead = RUN_OVERHEAD_S + t.session_overhead_s
     if kind == "bulk":
         limit = _limit(info, cell, t)
         if limit is None:
-            return RUN_OVERHEAD_S + cfg.size * 8 / (NO_RATE_MBPS * 1e6)
+            return overhead + cfg.size * 8 / (NO_RATE_MBPS * 1e6)
         share = 0.7 if cell.loss == 0 else 0.3
-        return RUN_OVERHEAD_S + cfg.size * 8 / (limit * share * 1e6)
-    return RUN_OVERHEAD_S + cfg.rr_count * ((info.rtt_ms or 0.5) * 1.3 + 1.0) / 1e3
+        return overhead + cfg.size * 8 / (limit * share * 1e6)
+    return overhead + cfg.rr_count * ((info.rtt_ms or 0.5) * 1.3 + 1.0) / 1e3
 
 
 def plan(cfg: BenchConfig) -> list[PlannedRun]:
@@ -176,7 +178,8 @@ def estimate_seconds(runs: list[PlannedRun]) -> tuple[float, float]:
     """(expected, worst case if every run times out) wall-clock seconds."""
     cells = len({r.cell for r in runs})
     expected = sum(r.estimate for r in runs) + cells * CELL_OVERHEAD_S
-    worst = sum(r.timeout + RUN_OVERHEAD_S for r in runs) + cells * CELL_OVERHEAD_S
+    worst = sum(r.timeout + RUN_OVERHEAD_S + r.transport.session_overhead_s for r in runs)
+    worst += cells * CELL_OVERHEAD_S
     return expected, worst
 
 
@@ -363,7 +366,15 @@ def run_one(net: Any, cfg: BenchConfig, run: PlannedRun, info: ProfileInfo) -> d
     a, b = net.hosts["a"], net.hosts["b"]
     _link_call(net, "reset_stats")
     started = time.monotonic()
-    with t.session(net):
+    with contextlib.ExitStack() as stack:
+        try:  # the transport's helpers, e.g. the Hooker daemons
+            session = stack.enter_context(t.session(net))
+        except SessionError as exc:
+            rec["errors"].append(f"transport session: {exc}")
+            rec["wall_s"] = round(time.monotonic() - started, 3)
+            rec["goodput_mbps"] = 0.0 if run.kind == "bulk" else None
+            rec["fraction_of_limit"] = 0.0 if run.kind == "bulk" and limit else None
+            return rec
         server = _Endpoint(b, t.server_argv(w))
         client: _Endpoint | None = None
         timed_out = False
@@ -400,6 +411,7 @@ def run_one(net: Any, cfg: BenchConfig, run: PlannedRun, info: ProfileInfo) -> d
         prog = server.last_progress if run.kind == "bulk" else None
         rec["bytes_at_timeout"] = prog["bytes"] if prog else None
         rec["errors"].insert(0, f"timed out after {run.timeout:g} s")
+    t.finish_record(rec, session)
     if rec["status"] != "ok":
         rec["goodput_mbps"] = 0.0 if run.kind == "bulk" else None
         rec["fraction_of_limit"] = 0.0 if run.kind == "bulk" and limit else None

@@ -7,7 +7,9 @@ A transport is named ``PREFIX``, ``PREFIX-ARG`` or ``PREFIX:ARG``:
 * ``quic``, ``quic-cubic``: QUIC from aioquic (its default congestion
   control is Reno);
 * ``vtl:<composition>``: VTL over UDP with any composition string, e.g.
-  ``vtl:reliability=go-back-n(window=64) congestion=newreno``.
+  ``vtl:reliability=go-back-n(window=64) congestion=newreno``;
+* ``hooker:<composition>``: the unmodified TCP runner, its connection
+  carried over VTL by a Hooker in each host (:class:`HookerTransport`).
 
 Each run starts a server process in host ``b`` and then a client process in
 host ``a`` (the client is the bulk sender), both ``python -m <runner>``
@@ -69,6 +71,10 @@ class TransportError(ValueError):
     """An unknown or unusable transport name."""
 
 
+class SessionError(RuntimeError):
+    """A transport's helpers for one run (e.g. the Hooker daemons) did not start."""
+
+
 @dataclass(frozen=True)
 class Workload:
     """What one run does (the same for every transport of a cell)."""
@@ -111,6 +117,8 @@ class Transport(ABC):
     default_arg: ClassVar[str | None] = None
     #: separator put between prefix and argument in the canonical name
     separator: ClassVar[str] = "-"
+    #: seconds :meth:`session` adds to a run (for the time estimate)
+    session_overhead_s: ClassVar[float] = 0.0
 
     def __init__(self, arg: str | None = None) -> None:
         self.arg = arg if arg else self.default_arg
@@ -145,8 +153,14 @@ class Transport(ABC):
         return {"family": self.prefix}
 
     def session(self, net: Any) -> contextlib.AbstractContextManager[Any]:
-        """Context entered around each run (e.g. helper daemons); none by default."""
+        """Context entered around each run (e.g. helper daemons); none by default.
+        Raise :class:`SessionError` from it when the helpers cannot start: the
+        run is then recorded as failed and the next run goes on."""
         return contextlib.nullcontext()
+
+    def finish_record(self, rec: dict[str, Any], session: Any) -> None:  # noqa: B027
+        """Add what the session saw (after it ended) to the run's record; may
+        fail a run the endpoints verified. Nothing by default."""
 
     def server_argv(self, w: Workload) -> list[str]:
         return [sys.executable, "-m", self.runner, "server", *w.common_args(), *self.options()]
@@ -309,6 +323,70 @@ class VtlTransport(Transport):
         return {"family": "vtl", "composition": self.arg}
 
 
+# ---------------------------------------------------------------------- Hooker
+
+#: the Hooker's composition when the name has none (``hooker``)
+DEFAULT_HOOKER = "reliability=selective-repeat congestion=bbr"
+
+
+@register
+class HookerTransport(TcpTransport):
+    """An unmodified kernel-TCP sender and receiver (the TCP runner, cubic on
+    its sockets) whose connection the Hooker carries over VTL with the
+    composition after ``hooker:`` (:mod:`vtl.bench.hooker_session`)."""
+
+    prefix = "hooker"
+    default_arg = DEFAULT_HOOKER
+    separator = ":"
+    session_overhead_s = 4.0  # start two daemons, read their status, stop them
+
+    def check(self) -> None:
+        VtlTransport(self.arg).check()
+
+    @property
+    def label(self) -> str:
+        return "hooker " + VtlTransport(self.arg).label.removeprefix("vtl ")
+
+    def efficiency(self) -> float:
+        # what goes over the link is VTL datagrams
+        return VtlTransport(self.arg).efficiency()
+
+    def options(self) -> list[str]:
+        return ["--cc", "cubic"]  # the app's own sockets; they only reach the local Hooker
+
+    def describe(self) -> dict[str, Any]:
+        return {"family": "hooker", "composition": self.arg, "cc": "cubic"}
+
+    def session(self, net: Any) -> contextlib.AbstractContextManager[Any]:
+        from vtl.bench.hooker_session import hooker_daemons
+
+        return hooker_daemons(net.hosts["a"], net.hosts["b"], str(self.arg))
+
+    def finish_record(self, rec: dict[str, Any], session: Any) -> None:
+        if session is None:
+            return
+        if rec["workload"] == "bulk":
+            payload, reverse = rec.get("size"), 0
+        else:  # request/response: rec["bytes"] counts both directions
+            plan = rec.get("rr") or {}
+            payload, reverse = None, 0
+            if rec.get("status") == "ok" and rec.get("bytes"):
+                reverse = plan.get("count", 0) * plan.get("response", 0)
+                payload = rec["bytes"] - reverse
+        proof = session.proof(payload, reverse)
+        rec["hooker"] = proof
+        # the app's TCP_INFO describes its socket to the local Hooker, not
+        # the link; the VTL carrier's send count is in rec["hooker"]
+        rec["retrans_bytes"] = None
+        rec["errors"].extend(proof.get("errors", []))
+        if rec.get("status") == "ok" and not proof["carried_over_vtl"]:
+            rec["status"] = "failed"
+            rec["errors"].append(
+                f"NOT CARRIED OVER VTL: the Hookers carried {proof['bytes_a_to_vtl']} bytes "
+                f"a->b ({proof['bytes_fallback']} as plain TCP), payload {payload}"
+            )
+
+
 def _tokens(spec: str) -> list[str]:
     """Split a composition string at top-level spaces."""
     out, depth, cur = [], 0, []
@@ -327,8 +405,10 @@ def _tokens(spec: str) -> list[str]:
 __all__ = [
     "DEFAULT_TRANSPORTS",
     "QUICK_TRANSPORTS",
+    "DEFAULT_HOOKER",
     "REFERENCE",
     "TRANSPORTS",
+    "SessionError",
     "Transport",
     "TransportError",
     "Workload",
