@@ -169,6 +169,7 @@ class Hooker:
         self._rules: dict[int, Rule] = {}
         self._started = 0.0
         self._xdp_observers: list[Any] = []
+        self._accept_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ start
 
@@ -201,7 +202,7 @@ class Hooker:
             raise
         self._started = time.time()
         loop = asyncio.get_running_loop()
-        loop.create_task(self._accept_loop())
+        self._accept_task = loop.create_task(self._accept_loop())
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
@@ -444,6 +445,10 @@ class Hooker:
         grace = self.config.stop_grace if grace is None else grace
         if self.kernel is not None:
             self.kernel.disable()
+        if self._accept_task is not None:
+            self._accept_task.cancel()  # before the close: it waits on the fd
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
         if self._listener is not None:
             self._listener.close()
         if self._tasks and grace > 0:

@@ -49,10 +49,12 @@ COUNTER_NAMES = (
     "splice_exhausted",
 )
 
+# Attach order matters: connect4 last, so that no connection is diverted
+# before sock_ops can hand its destination to the Hooker.
 CGROUP_PROGRAMS = (
-    ("vtl_connect4", "cgroup/connect4"),
-    ("vtl_getpeername4", "cgroup/getpeername4"),
     ("vtl_sockops", "sockops"),
+    ("vtl_getpeername4", "cgroup/getpeername4"),
+    ("vtl_connect4", "cgroup/connect4"),
 )
 
 
