@@ -272,7 +272,9 @@ def test_xdp_drops_malformed_and_unknown_connection_datagrams(net: dict[str, Any
     import struct
 
     a, b, hb = net["a"], net["b"], net["hb"]
-    x0 = hb.status()["xdp"][b.ifname]["counters"]
+    st0 = hb.status()
+    x0 = st0["xdp"][b.ifname]["counters"]
+    x0_endpoint_drops = st0["carrier_stats"]["endpoint"]["drops"]
 
     def vtl(ptype: int, dcid: int, body: bytes = b"", version: int = 1) -> bytes:
         head = struct.pack("!BBBBQQIHH", version, ptype, 0, 0, dcid, 7, 1, 0, len(body))
@@ -291,18 +293,29 @@ def test_xdp_drops_malformed_and_unknown_connection_datagrams(net: dict[str, Any
         "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
         "for d in json.load(sys.stdin): s.sendto(bytes.fromhex(d),(sys.argv[1],7400))\n"
     )
-    msgs = [m.hex() for ms in crafted.values() for m in ms for _ in range(5)]
+    copies = 20
+    msgs = [m.hex() for ms in crafted.values() for m in ms for _ in range(copies)]
     a.run([PY, "-c", script, b.ip4], input=json.dumps(msgs))
     time.sleep(0.5)
     x = hb.status()["xdp"][b.ifname]
     c = x["counters"]
+    # the link drops 2 % at random, so a few copies may never arrive; the
+    # rest are all dropped by XDP for exactly this reason
     for reason, ms in crafted.items():
-        assert c[reason] - x0[reason] == 5 * len(ms), (reason, c)
-    assert c["passed"] > 0 and x["attached"]
+        sent = copies * len(ms)
+        assert 0.7 * sent <= c[reason] - x0[reason] <= sent, (reason, c)
+    # ... and none of them reached the Hooker's VTL endpoint (it would count
+    # them as malformed, or fail their CRC)
+    drops0 = x0_endpoint_drops
+    drops = hb.status()["carrier_stats"]["endpoint"]["drops"]
+    for key in ("malformed", "version", "type", "checksum"):
+        assert drops.get(key, 0) == drops0.get(key, 0), (key, drops0, drops)
+    assert x["attached"]
     # and a hooked flow still goes through the filter
     r = run_client(a, b.ip4, str(SINK), "exchange", "--bytes", "100000")
     assert r["reply"]["sha"] == r["sha"]
-    assert hb.status()["xdp"][b.ifname]["counters"]["unknown_conn"] == c["unknown_conn"]
+    after = hb.status()["xdp"][b.ifname]["counters"]
+    assert after["unknown_conn"] == c["unknown_conn"] and after["passed"] > c["passed"]
 
 
 def test_200_concurrent_connections(net: dict[str, Any]) -> None:
