@@ -69,6 +69,11 @@ def _load_library() -> ctypes.CDLL:
         "bpf_map_delete_elem": ([i, vp], i),
         "bpf_map_get_next_key": ([i, vp, vp], i),
         "bpf_obj_get_info_by_fd": ([i, vp, ctypes.POINTER(ctypes.c_uint32)], i),
+        "bpf_link_create": ([i, i, i, vp], i),
+        "bpf_xdp_query_id": ([i, i, ctypes.POINTER(ctypes.c_uint32)], i),
+        "bpf_prog_get_fd_by_id": ([ctypes.c_uint32], i),
+        "libbpf_num_possible_cpus": ([], i),
+        "bpf_prog_test_run_opts": ([i, vp], i),
         "libbpf_set_print": ([_PRINT_FN], vp),
     }
     for fname, (args, res) in sigs.items():
@@ -179,7 +184,7 @@ class Map:
             prev = nxt
 
 
-class _ProgInfo(ctypes.Structure):
+class ProgInfo(ctypes.Structure):
     # the head of struct bpf_prog_info (linux/bpf.h); the kernel fills what fits
     _fields_ = [
         ("type", ctypes.c_uint32),
@@ -227,7 +232,7 @@ class BpfObject:
         return int(lib().bpf_program__fd(self._prog(name)))
 
     def prog_id(self, name: str) -> int:
-        info = _ProgInfo()
+        info = ProgInfo()
         size = ctypes.c_uint32(ctypes.sizeof(info))
         if (
             lib().bpf_obj_get_info_by_fd(self.prog_fd(name), ctypes.byref(info), ctypes.byref(size))

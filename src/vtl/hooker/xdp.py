@@ -16,7 +16,6 @@ Native (driver) mode is tried first, then generic (SKB) mode.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import heapq
 import os
@@ -26,7 +25,7 @@ import time
 from typing import Any
 
 from vtl.hooker import build
-from vtl.hooker.libbpf import BPF_XDP, BpfError, BpfObject, Map
+from vtl.hooker.libbpf import BPF_XDP, BpfError, BpfObject, Map, ProgInfo, lib
 
 PROGRAM = "vtl_xdp_filter"
 #: counter slots, in the order of ``enum vtl_xdp_counter`` in the C source
@@ -85,51 +84,6 @@ class _TestRunOpts(ctypes.Structure):
 XDP_VERDICTS = {0: "aborted", 1: "drop", 2: "pass", 3: "tx", 4: "redirect"}
 
 
-class _ProgInfo(ctypes.Structure):
-    # the head of struct bpf_prog_info, up to the name
-    _fields_ = [
-        ("type", ctypes.c_uint32),
-        ("id", ctypes.c_uint32),
-        ("tag", ctypes.c_uint8 * 8),
-        ("jited_prog_len", ctypes.c_uint32),
-        ("xlated_prog_len", ctypes.c_uint32),
-        ("jited_prog_insns", ctypes.c_uint64),
-        ("xlated_prog_insns", ctypes.c_uint64),
-        ("load_time", ctypes.c_uint64),
-        ("created_by_uid", ctypes.c_uint32),
-        ("nr_map_ids", ctypes.c_uint32),
-        ("map_ids", ctypes.c_uint64),
-        ("name", ctypes.c_char * 16),
-    ]
-
-
-_lib: ctypes.CDLL | None = None
-
-
-def _xlib() -> ctypes.CDLL:
-    """Our own handle on libbpf for the few calls libbpf.py does not wrap."""
-    global _lib
-    if _lib is None:
-        lib = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
-        u32p = ctypes.POINTER(ctypes.c_uint32)
-        for name, args, res in (
-            (
-                "bpf_link_create",
-                [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p],
-                ctypes.c_int,
-            ),
-            ("bpf_xdp_query_id", [ctypes.c_int, ctypes.c_int, u32p], ctypes.c_int),
-            ("bpf_prog_get_fd_by_id", [ctypes.c_uint32], ctypes.c_int),
-            ("bpf_obj_get_info_by_fd", [ctypes.c_int, ctypes.c_void_p, u32p], ctypes.c_int),
-            ("libbpf_num_possible_cpus", [], ctypes.c_int),
-            ("bpf_prog_test_run_opts", [ctypes.c_int, ctypes.c_void_p], ctypes.c_int),
-        ):
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, res
-        _lib = lib
-    return _lib
-
-
 def _cid_key(cid: int) -> ctypes.c_uint64:
     """A connection ID as the program reads it: the 8 wire bytes (big-endian)."""
     return ctypes.c_uint64(struct.unpack("=Q", struct.pack("!Q", cid))[0])
@@ -143,15 +97,15 @@ def attached_program(ifindex: int, mode: str | None = None) -> tuple[int, str] |
     """(id, name) of the XDP program on ``ifindex`` (in ``mode`` if given), or None."""
     prog_id = ctypes.c_uint32(0)
     flags = MODES[mode] if mode else 0
-    if _xlib().bpf_xdp_query_id(ifindex, flags, ctypes.byref(prog_id)) != 0 or not prog_id.value:
+    if lib().bpf_xdp_query_id(ifindex, flags, ctypes.byref(prog_id)) != 0 or not prog_id.value:
         return None
     name = "?"
-    fd = _xlib().bpf_prog_get_fd_by_id(prog_id.value)
+    fd = lib().bpf_prog_get_fd_by_id(prog_id.value)
     if fd >= 0:
         try:
-            info = _ProgInfo()
+            info = ProgInfo()
             size = ctypes.c_uint32(ctypes.sizeof(info))
-            if _xlib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)) == 0:
+            if lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)) == 0:
                 name = info.name.decode(errors="replace")
         finally:
             os.close(fd)
@@ -214,7 +168,7 @@ class XdpFilter:
         errors = []
         for name in ("native", "generic") if mode == "auto" else (mode,):
             opts = _LinkCreateOpts(ctypes.sizeof(_LinkCreateOpts), MODES[name], 0)
-            fd = _xlib().bpf_link_create(prog_fd, self.ifindex, BPF_XDP, ctypes.byref(opts))
+            fd = lib().bpf_link_create(prog_fd, self.ifindex, BPF_XDP, ctypes.byref(opts))
             if fd >= 0:
                 self._link_fd, self.mode = fd, name
                 return
@@ -348,7 +302,7 @@ class XdpFilter:
         """Packets and bytes per slot, summed over CPUs: ``passed``,
         ``passed_bytes``, ``non_vtl``, ..., ``unknown_conn_bytes``,
         and ``dropped`` (all reasons)."""
-        ncpu = _xlib().libbpf_num_possible_cpus()
+        ncpu = lib().libbpf_num_possible_cpus()
         row = _Count * max(ncpu, 1)
         out: dict[str, int] = {}
         for slot, name in enumerate(COUNTERS):
@@ -369,7 +323,7 @@ class XdpFilter:
         opts.data_in = ctypes.cast(buf, ctypes.c_void_p)
         opts.data_size_in = len(frame)
         prog_fd = self._obj.prog_fd(PROGRAM)
-        rc = _xlib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts))
+        rc = lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts))
         if rc != 0:
             raise BpfError(-rc if rc < 0 else errno.EIO, f"test run: {os.strerror(abs(rc))}")
         return XDP_VERDICTS.get(opts.retval, str(opts.retval)), int(opts.duration)
